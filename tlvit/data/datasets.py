@@ -1,0 +1,124 @@
+"""ImageFolder datasets that carry what dense labels need: sample id, crop geometry, score-map top-k.
+
+One code path for the embedded canvases and for ImageNet: `<root>/<split>/<class>/<image>`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+from torchvision.transforms import InterpolationMode, RandomResizedCrop
+
+from tlvit.labels.geometry import crop_flip_theta
+from tlvit.labels.score_maps import ScoreMapStore
+
+
+class DatasetError(RuntimeError):
+    """A dataset folder or image that cannot be used; the message names it and the fix."""
+
+
+def index_split(root: str | Path, split: str) -> tuple[list[str], list[int], list[str]]:
+    """(relative paths, class ids, class names) of `<root>/<split>`, in a stable sorted order."""
+    split_dir = Path(root) / split
+    if not split_dir.is_dir():
+        raise DatasetError(
+            f"{split_dir}: dataset split not found. Expected an ImageFolder `<root>/{split}/<class>/<image>`; "
+            "set the preset's `data.root` in params.yaml (or run `dvc repro data` for the embedded default)"
+        )
+    try:
+        classes, class_to_idx = find_classes(str(split_dir))
+        samples = make_dataset(str(split_dir), class_to_idx, extensions=IMG_EXTENSIONS)
+    except FileNotFoundError as e:
+        raise DatasetError(f"{split_dir}: {e}; put each class's images in its own sub-folder") from e
+    rel = [str(Path(p).relative_to(split_dir)) for p, _ in samples]
+    return rel, [t for _, t in samples], classes
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Open an image as RGB, naming the file and the fix when it is unreadable."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"{path}: cannot read image ({e}); replace or delete the file (embedded data: `dvc repro data`)") from e
+
+
+@dataclass
+class TrainGeometry:
+    """Random-resized crop + horizontal flip, applied to the image and recorded as theta for its labels."""
+
+    size: int
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    interpolation: InterpolationMode = InterpolationMode.BICUBIC
+
+    def __call__(self, img: Image.Image) -> tuple[Image.Image, torch.Tensor]:
+        top, left, h, w = RandomResizedCrop.get_params(img, list(self.scale), list(self.ratio))
+        flip = bool(torch.rand(()) < self.hflip)
+        out = TF.resized_crop(img, top, left, h, w, [self.size, self.size], self.interpolation, antialias=True)
+        if flip:
+            out = TF.hflip(out)
+        theta = crop_flip_theta((top, left, h, w), (img.height, img.width), flip)
+        return out, theta.float()
+
+
+@dataclass
+class EvalGeometry:
+    """Resize (short side to size / crop_pct) and centre-crop; theta records the region kept."""
+
+    size: int
+    crop_pct: float = 1.0
+    interpolation: InterpolationMode = InterpolationMode.BICUBIC
+
+    def __call__(self, img: Image.Image) -> tuple[Image.Image, torch.Tensor]:
+        W, H = img.size
+        side = min(H, W) * self.crop_pct  # the centre square (in source pixels) that becomes the output
+        top, left = (H - side) / 2, (W - side) / 2
+        if self.crop_pct >= 1.0 and H == W:
+            out = TF.resize(img, [self.size, self.size], self.interpolation, antialias=True)
+        else:
+            out = TF.resized_crop(img, round(top), round(left), round(side), round(side), [self.size, self.size],
+                                  self.interpolation, antialias=True)
+        return out, crop_flip_theta((top, left, side, side), (H, W), False).float()
+
+
+class DenseLabelDataset(Dataset):
+    """ImageFolder split -> dict(image, label, index, theta[, topk_logits, topk_classes]).
+
+    `score_maps` (optional) is verified against the split's images on construction.
+    """
+
+    def __init__(self, root: str | Path, split: str, geometry: Callable, mean: tuple, std: tuple,
+                 score_maps: str | Path | None = None):
+        self.root = Path(root)
+        self.split_dir = self.root / split
+        self.paths, self.targets, self.classes = index_split(root, split)
+        if not self.paths:
+            raise DatasetError(f"{self.split_dir}: no images found (extensions {IMG_EXTENSIONS})")
+        self.geometry = geometry
+        self.mean, self.std = list(mean), list(std)
+        self.store: ScoreMapStore | None = None
+        if score_maps is not None:
+            self.store = ScoreMapStore(score_maps)
+            self.store.verify(self.paths, self.split_dir, num_classes=len(self.classes))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict:
+        img = load_rgb(self.split_dir / self.paths[i])
+        img, theta = self.geometry(img)
+        x = TF.normalize(TF.to_tensor(img), self.mean, self.std)
+        item = {"image": x, "label": self.targets[i], "index": i, "theta": theta}
+        if self.store is not None:
+            logits, classes = self.store.read(i)
+            item["topk_logits"] = torch.from_numpy(logits)
+            item["topk_classes"] = torch.from_numpy(classes)  # small int type; widened on the device
+        return item

@@ -1,0 +1,167 @@
+"""Dense score maps on disk: top-k logits (fp16) + class ids per location, memory-mapped, with an index.
+
+Layout of a store directory (one per split):
+  index.json    relative image paths, image sizes, num_classes, annotator, checkpoint sha256,
+                input size, grid, k (verified against the dataset on load)
+  logits.npy    float16 [N, k, h, w]   the annotator's top-k logits at each location
+  classes.npy   uint8/int16 [N, k, h, w]  their class ids (smallest type that holds num_classes)
+
+Written resumably: `ScoreMapWriter` fills preallocated arrays in `<dir>.partial/` chunk by chunk and
+records finished chunks; a killed run continues where it stopped, and the directory only appears
+under its final name when every image is done.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+INDEX = "index.json"
+
+
+class ScoreMapError(RuntimeError):
+    """A store that is missing, incomplete or does not match the dataset."""
+
+
+def class_dtype(num_classes: int) -> np.dtype:
+    """Smallest unsigned/signed integer type that holds class ids 0..num_classes-1."""
+    return np.dtype(np.uint8) if num_classes <= 256 else np.dtype(np.int16) if num_classes <= 32768 else np.dtype(np.int32)
+
+
+class ScoreMapStore:
+    """Read side: memory-mapped arrays + verified index."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        index_path = self.root / INDEX
+        if not index_path.is_file():
+            partial = self.root.with_name(self.root.name + ".partial")
+            hint = f" (an unfinished run is in {partial}: re-run the scoremaps stage to finish it)" if partial.exists() else ""
+            raise ScoreMapError(f"{self.root}: no score-map store here{hint}; run `dvc repro scoremaps`")
+        self.index = json.loads(index_path.read_text())
+        self.logits = np.load(self.root / "logits.npy", mmap_mode="r")
+        self.classes = np.load(self.root / "classes.npy", mmap_mode="r")
+        n = len(self.index["paths"])
+        if self.logits.shape[0] != n or self.classes.shape != self.logits.shape:
+            raise ScoreMapError(
+                f"{self.root}: arrays {self.logits.shape}/{self.classes.shape} do not match the index's {n} images; "
+                "the store is corrupt: delete it and re-run `dvc repro scoremaps`"
+            )
+
+    def __len__(self) -> int:
+        return len(self.index["paths"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.index["num_classes"])
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return tuple(self.logits.shape[2:])  # type: ignore[return-value]
+
+    def verify(self, rel_paths: Sequence[str], dataset_root: str | Path, num_classes: int | None = None) -> None:
+        """Fail with the first mismatch between the store's index and the dataset's images."""
+        stored = self.index["paths"]
+        fix = f"regenerate the store for this dataset (`dvc repro scoremaps`, or `tlvit scoremaps --data {dataset_root}`)"
+        if num_classes is not None and num_classes != self.num_classes:
+            raise ScoreMapError(f"{self.root}: store has {self.num_classes} classes, dataset {dataset_root} has {num_classes}; {fix}")
+        for i, (a, b) in enumerate(zip(stored, rel_paths)):
+            if a != b:
+                raise ScoreMapError(f"{self.root}: image #{i} is {a!r} in the store but {b!r} in {dataset_root}; {fix}")
+        if len(stored) != len(rel_paths):
+            which = "store" if len(stored) > len(rel_paths) else "dataset"
+            first = (stored if which == "store" else list(rel_paths))[min(len(stored), len(rel_paths))]
+            raise ScoreMapError(
+                f"{self.root}: store has {len(stored)} images, {dataset_root} has {len(rel_paths)} "
+                f"(first extra one in the {which}: {first!r}); {fix}"
+            )
+
+    def read(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(logits [k, h, w] float16, classes [k, h, w]) of image i, copied out of the memory map."""
+        return np.array(self.logits[i]), np.array(self.classes[i])
+
+    def bytes_per_image(self) -> float:
+        return (self.logits[0].nbytes + self.classes[0].nbytes)
+
+
+class ScoreMapWriter:
+    """Resumable, chunked writer of a store (see module docstring)."""
+
+    def __init__(self, root: str | Path, *, num_images: int, k: int, grid: tuple[int, int], num_classes: int,
+                 meta: dict, chunk: int = 256):
+        self.root = Path(root)
+        self.partial = self.root.with_name(self.root.name + ".partial")
+        self.chunk = chunk
+        self.num_chunks = (num_images + chunk - 1) // chunk
+        shape = (num_images, k, *grid)
+        meta = {**meta, "num_classes": num_classes, "k": k, "grid": list(grid), "num_images": num_images}
+        meta_path = self.partial / "meta.json"
+        if self.partial.exists() and (not meta_path.is_file() or json.loads(meta_path.read_text()) != json.loads(json.dumps(meta))):
+            shutil.rmtree(self.partial)  # left by a run with other settings: nothing in it is reusable
+        fresh = not self.partial.exists()
+        self.partial.mkdir(parents=True, exist_ok=True)
+        mode = "w+" if fresh else "r+"
+        self.logits = np.lib.format.open_memmap(self.partial / "logits.npy", mode=mode, dtype=np.float16, shape=shape)
+        self.classes = np.lib.format.open_memmap(self.partial / "classes.npy", mode=mode, dtype=class_dtype(num_classes), shape=shape)
+        self.done_path = self.partial / "done.npy"
+        self.done = np.load(self.done_path) if not fresh and self.done_path.is_file() else np.zeros(self.num_chunks, bool)
+        if fresh:
+            meta_path.write_text(json.dumps(meta))
+        self.meta = meta
+
+    def pending_chunks(self) -> list[int]:
+        return [c for c in range(self.num_chunks) if not self.done[c]]
+
+    def chunk_range(self, c: int) -> range:
+        return range(c * self.chunk, min((c + 1) * self.chunk, self.logits.shape[0]))
+
+    def write_chunk(self, c: int, logits: np.ndarray, classes: np.ndarray) -> None:
+        """Store a finished chunk; it counts as done only after its data is flushed to disk."""
+        r = self.chunk_range(c)
+        self.logits[r.start : r.stop] = logits
+        self.classes[r.start : r.stop] = classes
+        self.logits.flush()
+        self.classes.flush()
+        self.done[c] = True
+        tmp = self.done_path.with_suffix(".tmp.npy")
+        np.save(tmp, self.done)
+        os.replace(tmp, self.done_path)
+
+    def finish(self, paths: Sequence[str], sizes: Sequence[tuple[int, int]]) -> ScoreMapStore:
+        """Write the index and move the store to its final name."""
+        if not self.done.all():
+            raise ScoreMapError(f"{self.partial}: {int((~self.done).sum())} chunks not written yet")
+        del self.logits, self.classes
+        index = {**self.meta, "paths": list(paths), "sizes": [list(s) for s in sizes]}
+        (self.partial / INDEX).write_text(json.dumps(index))
+        for name in ("meta.json", "done.npy"):
+            (self.partial / name).unlink(missing_ok=True)
+        if self.root.exists():
+            shutil.rmtree(self.root)
+        os.replace(self.partial, self.root)
+        return ScoreMapStore(self.root)
+
+
+def topk_to_dense(logits: torch.Tensor, classes: torch.Tensor, num_classes: int, absent: str = "zero_prob") -> torch.Tensor:
+    """Class probabilities [B, C, h, w] from stored top-k logits/classes [B, k, h, w].
+
+    absent="zero_prob": softmax over the k stored logits, classes outside the top-k get 0 (default).
+    absent="zero_logit": the original code's behaviour: scatter logits into zeros and softmax over all
+    C classes, so absent classes get logit 0 and leak probability (kept as a switch for comparison).
+    """
+    logits = logits.float()
+    classes = classes.long()
+    B, k, h, w = logits.shape
+    if absent == "zero_prob":
+        probs = logits.softmax(1)
+        dense = logits.new_zeros(B, num_classes, h, w)
+        return dense.scatter_(1, classes, probs)
+    if absent == "zero_logit":
+        dense = logits.new_zeros(B, num_classes, h, w)
+        return dense.scatter_(1, classes, logits).softmax(1)
+    raise ValueError(f"absent_classes must be 'zero_prob' or 'zero_logit', not {absent!r}")

@@ -1,0 +1,105 @@
+"""`tlvit launch`, `tlvit status`, `tlvit sync`: training rows as cluster jobs (docs/cluster.md)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from tlvit.launch.executor import KINDS
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    common.add_argument("--rows-file", default="experiments/rows.yaml", help="row definitions (default: experiments/rows.yaml)")
+
+    p = sub.add_parser("launch", parents=[common], help="submit every stale training row as a job, then return",
+                       description="Submit one job per stale `train@<row>` stage (all at once: a Slurm array), record "
+                                   "each in runs/<preset>/<row>/launch.json and return. A following `dvc repro` waits "
+                                   "for the jobs and records their results without retraining.")
+    p.add_argument("--row", action="append", dest="rows", metavar="ROW", help="only this row (repeatable; default: all stale rows)")
+    p.add_argument("--kind", choices=KINDS, help="override launcher.kind")
+    p.add_argument("--folder", help="override launcher.folder")
+    p.add_argument("--dry-run", action="store_true", help="show what would be submitted, submit nothing")
+    p.set_defaults(func=cmd_launch)
+
+    p = sub.add_parser("status", parents=[common], help="one table of all rows: DVC state, job, MLflow run, top-1")
+    p.add_argument("--no-dvc", action="store_true", help="skip `dvc status` (faster; the dvc column shows ?)")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("sync", parents=[common], help="send metrics buffered while MLflow was unreachable",
+                       description="Replay every run folder's offline MLflow buffer (runs/<preset>/*/seed*/ by default) "
+                                   "to MLFLOW_TRACKING_URI, creating runs that could not be created and closing "
+                                   "finished ones.")
+    p.add_argument("run_dirs", nargs="*", type=Path, help="run folders (default: all of the preset's)")
+    p.set_defaults(func=cmd_sync)
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    from tlvit.config import ConfigError, load_params
+    from tlvit.launch.executor import load_launcher_config
+    from tlvit.launch.launcher import launch_rows, plan_launch
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        params = load_params(args.params)
+        launcher = load_launcher_config(params, kind=args.kind, folder=args.folder, params_path=args.params)
+        all_rows = list(params.get("rows") or [])
+        unknown = sorted(set(args.rows or []) - set(all_rows))
+        if unknown:
+            raise ConfigError(f"{args.params}: rows {unknown} are not in `rows` {all_rows} (DVC has no stage for them)")
+        submit, skipped = plan_launch(params, args.rows or all_rows, ".", args.rows_file, args.params)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for row, why in skipped:
+        print(f"  {row}: not submitted ({why})")
+    if not submit:
+        print("nothing to launch")
+        return 0
+    if args.dry_run:
+        opts = launcher.slurm.executor_parameters(f"tlvit-{params['preset']}") if launcher.kind == "slurm" else {}
+        print(f"would submit {len(submit)} row(s) with launcher.kind={launcher.kind} {opts}: {', '.join(submit)}")
+        return 0
+    try:
+        records = launch_rows(submit, params_path=args.params, rows_path=args.rows_file, launcher=launcher)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for r in records:
+        print(f"  {r.row}: {r.kind} job {r.job_id}" + (f" {r.state}" if r.state else "") + f"  (logs: {r.folder.replace('%j', r.job_id)})")
+    failed = [r.row for r in records if r.state == "FAILED"]
+    print("next: `dvc repro` waits for these jobs and records their results; `tlvit status` shows progress")
+    return 1 if failed else 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from tlvit.launch.status import collect, format_table
+
+    logging.basicConfig(level=logging.ERROR)
+    print(format_table(collect(args.params, args.rows_file, use_dvc=not args.no_dvc)))
+    return 0
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from tlvit.config import load_params
+    from tlvit.layout import Layout
+    from tlvit.tracking import sync_run_dir
+
+    logging.basicConfig(level=logging.WARNING)
+    run_dirs = args.run_dirs
+    if not run_dirs:
+        layout = Layout(load_params(args.params)["preset"])
+        run_dirs = sorted(p for p in (layout.root / "runs" / layout.preset).glob("*/seed*") if p.is_dir())
+    errors = 0
+    for d in run_dirs:
+        r = sync_run_dir(d)
+        if r.error:
+            errors += 1
+            print(f"  {d}: not synced ({r.error})")
+        elif r.created or r.metrics_sent or r.closed:
+            print(f"  {d}: run {r.run_id}" + (" created," if r.created else "") + f" {r.metrics_sent} metric value(s) sent"
+                  + (", closed" if r.closed else ""))
+    print(f"{len(run_dirs)} run folder(s) checked, {errors} not synced")
+    return 1 if errors else 0

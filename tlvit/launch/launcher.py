@@ -1,0 +1,106 @@
+"""`tlvit launch`: submit every stale training row at once, record each job, return.
+
+The rows to train are the `train@<row>` stages DVC reports as changed. A later `dvc repro` runs those
+stages as usual; each waits for its row's job and then finds the checkpoints complete, so it only
+collects the results and `dvc.lock` stays the one record of what was computed.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tlvit.config import ConfigError, config_hash, load_params, resolve_run_config
+from tlvit.launch.executor import LauncherConfig, check_shared, load_launcher_config, make_executor
+from tlvit.launch.job import RowJob
+from tlvit.launch.records import LaunchRecord, poll, read_record, write_record
+from tlvit.layout import Layout
+
+log = logging.getLogger(__name__)
+TRAIN_STAGE = "train@"
+
+
+@dataclass
+class DvcStatus:
+    stale_rows: list[str]        # train@<row> stages that would run
+    stale_upstream: list[str]    # other stages they depend on that would run first
+
+
+def dvc_status(rows: list[str], workdir: str | Path = ".") -> DvcStatus:
+    """`dvc status --json --with-deps` of the rows' train stages (and what they depend on)."""
+    cmd = [sys.executable, "-m", "dvc", "status", "--json", "--with-deps", *[f"{TRAIN_STAGE}{r}" for r in rows]]
+    p = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"`dvc status` failed in {workdir} ({p.returncode}): {(p.stderr or p.stdout).strip()[-2000:]}")
+    out = p.stdout.strip()
+    changed = json.loads(out[out.index("{"):]) if "{" in out else {}
+    stale = [r for r in rows if f"{TRAIN_STAGE}{r}" in changed]
+    upstream = [s for s in changed if not s.startswith(TRAIN_STAGE)]
+    return DvcStatus(stale, upstream)
+
+
+def launch_rows(rows: list[str], *, params_path: str | Path = "params.yaml", rows_path: str | Path = "experiments/rows.yaml",
+                workdir: str | Path = ".", launcher: LauncherConfig | None = None) -> list[LaunchRecord]:
+    """Submit one job per row (a Slurm array when there are several), write each row's launch record.
+
+    Paths are relative to `workdir` (the repository), where the jobs run.
+    """
+    from tlvit.provenance import git_commit
+
+    workdir = Path(workdir).resolve()
+    params = load_params(workdir / params_path)
+    launcher = launcher or load_launcher_config(params, params_path=params_path)
+    check_shared(launcher, workdir)
+    preset = params["preset"]
+    layout = Layout(preset, workdir)
+    hashes = {row: config_hash(resolve_run_config(params, row, rows_path=workdir / rows_path, params_path=params_path))
+              for row in rows}
+    folder = launcher.folder_path(workdir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{preset}" / "%j"
+    executor = make_executor(launcher, folder, name=f"tlvit-{preset}")
+    threads = launcher.slurm.cpus_per_task if launcher.kind != "local" else None
+    jobs_in = [RowJob(row, str(workdir), str(params_path), str(rows_path), num_threads=threads) for row in rows]
+    commit = git_commit(workdir)
+    submitted_at = time.time()
+    with executor.batch():  # one sbatch for all rows (an array), so they queue together
+        jobs = [executor.submit(job) for job in jobs_in]
+    records = []
+    for row, job in zip(rows, jobs):
+        record = LaunchRecord(row=row, preset=preset, config_hash=hashes[row], kind=launcher.kind, job_id=str(job.job_id),
+                              folder=str(folder), workdir=str(workdir), submitted_at=submitted_at, git_commit=commit)
+        if launcher.kind == "local":
+            record.state, record.error = job.state, job.error
+        write_record(layout, record)
+        records.append(record)
+    return records
+
+
+def plan_launch(params: dict, rows: list[str], workdir: str | Path, rows_path: str | Path, params_path: str | Path,
+                status: DvcStatus | None = None) -> tuple[list[str], list[tuple[str, str]]]:
+    """Which rows to submit, and (row, reason) for those left alone."""
+    if status is None:
+        status = dvc_status(rows, workdir)
+    if status.stale_upstream:
+        raise ConfigError(f"stages {status.stale_upstream} must run before training: `dvc repro {' '.join(status.stale_upstream)}` "
+                          f"(here or as a job), then `tlvit launch` again")
+    layout = Layout(params["preset"], Path(workdir))
+    submit, skipped = [], []
+    for row in rows:
+        if row not in status.stale_rows:
+            skipped.append((row, "up to date in dvc.lock"))
+            continue
+        record = read_record(layout, row)
+        if record is not None:
+            chash = config_hash(resolve_run_config(params, row, rows_path=Path(workdir) / rows_path, params_path=params_path))
+            st = poll(record)
+            if record.config_hash == chash and st.phase in ("active", "done"):
+                skipped.append((row, f"job {record.job_id} {st.state}" + (" (run `dvc repro` to record it)" if st.phase == "done" else "")))
+                continue
+            if st.active:
+                raise ConfigError(f"row {row!r}: job {record.job_id} is still {st.state} with an older config; "
+                                  f"cancel it (scancel {record.job_id}) before launching the new one")
+        submit.append(row)
+    return submit, skipped

@@ -1,0 +1,276 @@
+"""Run tracking. The only module that imports mlflow; training code talks to `Tracker` alone.
+
+Default store: a SQLite file in the working directory (`sqlite:///<cwd>/mlflow.db`, artifacts in
+`./mlruns`); `MLFLOW_TRACKING_URI` points it elsewhere (e.g. a server reached from compute nodes).
+The run id is kept in the run directory so a resumed or requeued job continues the same run.
+If the store cannot be reached, metrics go to `<run_dir>/tracking_buffer.jsonl` (and, when the run
+could not even be created, its params and tags to `<run_dir>/tracking_pending.json`); they are
+replayed at the next successful connection of the training process, when the run is next opened
+(e.g. the `dvc repro` that collects a cluster job), or by `tlvit sync` (`sync_run_dir`). Training
+never stops or stalls for tracking: a server is probed with a short timeout before each attempt.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+ID_FILE, BUFFER_FILE, PENDING_FILE = "mlflow_run_id", "tracking_buffer.jsonl", "tracking_pending.json"
+PROBE_TIMEOUT_S = 3.0
+# MLflow's client retries an unreachable server for minutes by default; the buffer makes that pointless.
+# Applied with setdefault, so a user's own settings win.
+HTTP_CLIENT_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists become JSON strings."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, (list, tuple, dict)) else v
+    return out
+
+
+def default_tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def server_reachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """For an http(s) tracking server: does it answer its health check? (Other stores: True.)"""
+    if not uri.startswith(("http://", "https://")):
+        return True
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+            return r.status < 500
+    except urllib.error.HTTPError as e:  # it answered (auth proxies may refuse /health): reachable
+        return e.code < 500
+    except (OSError, ValueError):
+        return False
+
+
+class Tracker:
+    """One MLflow run: params once, metrics per step, tags; buffered when the store is unreachable."""
+
+    def __init__(self, run_dir: str | Path, experiment: str, run_name: str, params: dict, tags: dict,
+                 uri: str | None = None):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.id_file = self.run_dir / ID_FILE
+        self.buffer = self.run_dir / BUFFER_FILE
+        self.pending = self.run_dir / PENDING_FILE
+        self.uri = uri or default_tracking_uri()
+        if self.uri.startswith(("http://", "https://")):
+            for k, v in HTTP_CLIENT_DEFAULTS.items():
+                os.environ.setdefault(k, v)
+        self.experiment, self.run_name = experiment, run_name
+        self.params, self.tags = flatten(params), {k: str(v) for k, v in tags.items()}
+        self.run_id: str | None = self.id_file.read_text().strip() if self.id_file.is_file() else None
+        self.client = None
+        self._warned = False
+        self._connect()
+
+    # ------------------------------------------------------------------ connection
+    def _connect(self) -> bool:
+        try:
+            if not server_reachable(self.uri):
+                raise ConnectionError(f"no answer from {self.uri}/health within {PROBE_TIMEOUT_S:.0f} s")
+            import mlflow
+            from mlflow.tracking import MlflowClient
+
+            self.client = MlflowClient(self.uri)
+            if self.run_id is None:
+                exp = self.client.get_experiment_by_name(self.experiment)
+                exp_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
+                run = self.client.create_run(exp_id, run_name=self.run_name, tags=self.tags)
+                self.run_id = run.info.run_id
+                self.id_file.write_text(self.run_id)
+                items = list(self.params.items())
+                for i in range(0, len(items), 100):  # MLflow takes at most 100 params per call
+                    self.client.log_batch(self.run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in items[i : i + 100]])
+                self.pending.unlink(missing_ok=True)
+            else:
+                self.client.update_run(self.run_id, status="RUNNING")
+                self.set_tags(self.tags)
+            _replay(self.client, self.run_id, self.buffer)
+            if self._warned:
+                log.warning("MLflow at %s reachable again; buffered metrics sent", self.uri)
+            self._warned = False
+            return True
+        except Exception as e:  # unreachable server, locked db, ...: keep training, buffer locally
+            if not self._warned:
+                log.warning("MLflow at %s unreachable (%s); buffering metrics in %s", self.uri, e, self.buffer)
+            self._warned = True
+            self.client = None
+            if self.run_id is None:  # keep what creating the run needs, for `tlvit sync`
+                _write_json(self.pending, {"uri": self.uri, "experiment": self.experiment, "run_name": self.run_name,
+                                           "params": self.params, "tags": self.tags})
+            return False
+
+    # ------------------------------------------------------------------ logging
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        ts = int(time.time() * 1000)
+        if self.client is not None or self._connect():
+            try:
+                from mlflow.entities import Metric
+
+                self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
+                return
+            except Exception as e:
+                log.warning("MLflow log failed (%s); buffering", e)
+                self._warned = True
+                self.client = None
+        with open(self.buffer, "a") as f:
+            for k, v in metrics.items():
+                f.write(json.dumps({"key": k, "value": float(v), "timestamp": ts, "step": step}) + "\n")
+
+    def set_tags(self, tags: dict) -> None:
+        if self.client is None:
+            return
+        try:
+            for k, v in tags.items():
+                self.client.set_tag(self.run_id, k, str(v))
+        except Exception as e:  # tags are re-sent at the next connection
+            log.warning("MLflow could not set tags on %s (%s)", self.run_id, e)
+            self.client = None
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.client is not None or self._connect():
+            try:
+                self.client.set_terminated(self.run_id, status=status)
+            except Exception as e:
+                log.warning("MLflow could not close run %s (%s); `tlvit sync` closes it later", self.run_id, e)
+
+
+class NullTracker:
+    """Tracking off (mlflow not installed, or `tracking: false`)."""
+
+    run_id = None
+
+    def log_metrics(self, metrics: dict, step: int) -> None: ...
+    def set_tags(self, tags: dict) -> None: ...
+    def finish(self, status: str = "FINISHED") -> None: ...
+
+
+def open_tracker(run_dir, experiment, run_name, params, tags, enabled: bool = True):
+    """A Tracker, or a NullTracker where tracking is off or mlflow is not installed."""
+    if not enabled:
+        return NullTracker()
+    try:
+        import mlflow  # noqa: F401
+    except ImportError:
+        log.warning("mlflow is not installed: tracking off")
+        return NullTracker()
+    return Tracker(run_dir, experiment, run_name, params, tags)
+
+
+# ---------------------------------------------------------------------------- offline buffer
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def _replay(client, run_id: str, buffer: Path) -> int:
+    """Send buffered metrics (written while the store was unreachable), then drop the buffer."""
+    if not buffer.is_file():
+        return 0
+    from mlflow.entities import Metric
+
+    rows = [json.loads(line) for line in buffer.read_text().splitlines() if line.strip()]
+    metrics = [Metric(r["key"], r["value"], r["timestamp"], r["step"]) for r in rows]
+    for i in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[i : i + 1000])
+    buffer.unlink()
+    return len(metrics)
+
+
+@dataclass
+class SyncResult:
+    run_dir: Path
+    run_id: str | None
+    metrics_sent: int = 0
+    created: bool = False
+    closed: bool = False
+    error: str | None = None
+
+
+def sync_run_dir(run_dir: str | Path, uri: str | None = None) -> SyncResult:
+    """Send what a run buffered while MLflow was unreachable: create the run if it never was, replay the
+    metrics, and close the run if training finished (`result.json` says complete). Safe to repeat."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    run_dir = Path(run_dir)
+    id_file, buffer, pending = run_dir / ID_FILE, run_dir / BUFFER_FILE, run_dir / PENDING_FILE
+    run_id = id_file.read_text().strip() if id_file.is_file() else None
+    info = json.loads(pending.read_text()) if pending.is_file() else {}
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or info.get("uri") or default_tracking_uri()
+    res = SyncResult(run_dir, run_id)
+    if run_id is None and not info:
+        return res  # never tracked (tracking off, or not rank 0)
+    if not server_reachable(uri):
+        res.error = f"{uri} unreachable"
+        return res
+    try:
+        client = MlflowClient(uri)
+        if run_id is None:
+            exp = client.get_experiment_by_name(info["experiment"])
+            exp_id = exp.experiment_id if exp else client.create_experiment(info["experiment"])
+            run_id = client.create_run(exp_id, run_name=info["run_name"], tags=info["tags"]).info.run_id
+            id_file.write_text(run_id)
+            items = list(info["params"].items())
+            for i in range(0, len(items), 100):
+                client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in items[i : i + 100]])
+            pending.unlink()
+            res.run_id, res.created = run_id, True
+        res.metrics_sent = _replay(client, run_id, buffer)
+        result = run_dir / "result.json"
+        if result.is_file() and json.loads(result.read_text()).get("complete"):
+            if client.get_run(run_id).info.status != "FINISHED":
+                client.set_terminated(run_id, status="FINISHED")
+                res.closed = True
+    except Exception as e:
+        res.error = f"{type(e).__name__}: {e}"
+    return res
+
+
+def latest_metrics(run_dir: str | Path, keys: tuple[str, ...] = ("ema_val_top1", "val_top1"),
+                   uri: str | None = None) -> tuple[str | None, float | None, int | None]:
+    """(key, value, step) of the newest of `keys` for the run in `run_dir`: from MLflow when reachable,
+    else from the offline buffer. (None, None, None) when nothing was logged yet."""
+    run_dir = Path(run_dir)
+    best: tuple[str | None, float | None, int | None] = (None, None, None)
+    id_file = run_dir / ID_FILE
+    uri = uri or default_tracking_uri()
+    if id_file.is_file() and server_reachable(uri, timeout=2.0):
+        try:
+            from mlflow.tracking import MlflowClient
+
+            metrics = MlflowClient(uri).get_run(id_file.read_text().strip()).data.metrics
+            for key in keys:
+                if key in metrics:
+                    best = (key, metrics[key], None)
+                    break
+        except Exception:
+            pass
+    buffer = run_dir / BUFFER_FILE
+    if buffer.is_file():  # newer than anything the store has
+        rows = [json.loads(line) for line in buffer.read_text().splitlines() if line.strip()]
+        for key in keys:
+            hits = [r for r in rows if r["key"] == key]
+            if hits:
+                last = max(hits, key=lambda r: r["step"])
+                return key, last["value"], last["step"]
+    return best

@@ -1,0 +1,210 @@
+"""Train one row with one seed: build data/model/optimizer from the resolved config, run epochs.
+
+Resumable and deterministic: a checkpoint (atomic) after every epoch; all randomness of epoch e is
+derived from (seed, e, rank), so a run killed after epoch k and resumed ends bit-identical to an
+uninterrupted one on CPU.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+
+from tlvit.config import config_hash
+from tlvit.data.datasets import DenseLabelDataset, EvalGeometry, TrainGeometry
+from tlvit.distributed import DistEnv, barrier, init_distributed
+from tlvit.engine import TrainForward, evaluate, train_one_epoch
+from tlvit.io import save_torch_atomic, write_json
+from tlvit.provenance import cluster_tags, git_commit, versions
+from tlvit.supervision import Supervision
+
+log = logging.getLogger(__name__)
+
+# Embedded canvases are grey digits on black; ImageNet statistics for everything else.
+DATA_STATS = {"canvases": ((0.1, 0.1, 0.1), (0.25, 0.25, 0.25)),
+              "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
+
+
+@dataclass
+class RunInputs:
+    """Where a run's data lives (resolved by the pipeline stage or the launcher)."""
+
+    data_root: Path
+    data_kind: str = "canvases"
+    score_maps: Path | None = None  # the train split's store, when the supervision needs one
+
+
+class ShardSampler(Sampler):
+    """Evaluation shard of a process: every world-th sample, no padding (counts are summed later)."""
+
+    def __init__(self, n: int, env: DistEnv):
+        self.idx = list(range(env.rank, n, env.world_size))
+
+    def __iter__(self):
+        return iter(self.idx)
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    return (seed * 1_000_003 + epoch * 1_009 + rank) % (2**63)
+
+
+def build_model(cfg: dict, num_classes: int) -> torch.nn.Module:
+    """timm model named by cfg['model'] with the row's constructor overrides."""
+    import timm
+
+    import tlvit.models  # noqa: F401  (registers LV-ViT / DeiT variants)
+
+    kwargs = dict(cfg.get("model_kwargs") or {})
+    kwargs.setdefault("aux_head", cfg["supervision"]["kind"] == "token_labeling")
+    return timm.create_model(cfg["model"], num_classes=num_classes, img_size=cfg["img_size"],
+                             drop_path_rate=cfg["drop_path"], **kwargs)
+
+
+def lr_for(cfg: dict, global_batch: int) -> float:
+    """Linear scaling rule of LV-ViT Table 2: lr x batch / 1024, or batch / 640 with token labeling."""
+    base = cfg["lr_base_batch_token_labeling"] if cfg["supervision"]["kind"] == "token_labeling" else cfg["lr_base_batch"]
+    return cfg["lr"] * cfg.get("lr_scale", 1.0) * global_batch / base
+
+
+def train(cfg: dict, seed: int, run_dir: str | Path, inputs: RunInputs, *, device: str | None = None,
+          tracking: bool = True, experiment: str | None = None, tags: dict | None = None,
+          show_progress: bool = True, stop_after_epochs: int | None = None) -> dict:
+    """Train (or resume) one run; returns its final metrics (also written to `<run_dir>/result.json`).
+
+    stop_after_epochs: return after that many epochs in total (tests of resume); the run stays resumable.
+    """
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+    from timm.utils import ModelEmaV3
+
+    from tlvit.tracking import open_tracker
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env = init_distributed()
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    chash = config_hash(cfg)
+    sup_cfg = cfg["supervision"]
+
+    # ---------------------------------------------------------------- data
+    mean, std = DATA_STATS[inputs.data_kind]
+    geometry = TrainGeometry(cfg["img_size"], tuple(cfg["crop_scale"]), tuple(cfg["crop_ratio"]), cfg["hflip"])
+    probe_sup = Supervision(sup_cfg["kind"], 1, (1, 1), cls_target=sup_cfg["cls_target"])  # validates kind early
+    store = inputs.score_maps if probe_sup.needs_score_maps else None
+    if probe_sup.needs_score_maps and store is None:
+        raise ValueError(f"row {cfg.get('row')!r}: supervision {sup_cfg['kind']!r} needs score maps; none given")
+    train_ds = DenseLabelDataset(inputs.data_root, "train", geometry, mean, std, score_maps=store)
+    val_ds = DenseLabelDataset(inputs.data_root, "val", EvalGeometry(cfg["img_size"], cfg.get("crop_pct", 1.0)), mean, std)
+    num_classes = len(train_ds.classes)
+
+    # ---------------------------------------------------------------- model, supervision, optimizer
+    torch.manual_seed(seed)  # identical initial weights on every rank
+    model = build_model(cfg, num_classes).to(dev)
+    supervision = Supervision(sup_cfg["kind"], num_classes, tuple(model.token_grid), cfg["label_smoothing"],
+                              sup_cfg["token_weight"], sup_cfg["cls_target"], sup_cfg["absent_classes"])
+    modes = ("cls_plus_aux", "cls") if supervision.dense else ("cls",)
+    net = TrainForward(model)
+    if env.enabled:
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[env.local_rank] if dev.type == "cuda" else None)
+    global_batch = cfg["batch_size"] * env.world_size
+    lr = lr_for(cfg, global_batch)
+    optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=cfg["weight_decay"])
+    sampler = DistributedSampler(train_ds, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=seed, drop_last=True)
+    steps_per_epoch = len(sampler) // cfg["batch_size"]
+    if steps_per_epoch == 0:
+        raise ValueError(f"{inputs.data_root}/train: {len(train_ds)} images give no full batch of {cfg['batch_size']}")
+    scheduler, _ = create_scheduler_v2(optimizer, "cosine", num_epochs=cfg["epochs"], warmup_epochs=cfg["warmup_epochs"],
+                                       warmup_lr=cfg["warmup_lr"], min_lr=cfg["min_lr"], step_on_epochs=False,
+                                       updates_per_epoch=steps_per_epoch)
+    ema = ModelEmaV3(model, decay=cfg["ema_decay"]) if cfg.get("ema_decay") else None
+
+    # ---------------------------------------------------------------- resume
+    ckpt_path = run_dir / "checkpoint.pt"
+    start_epoch, history = 0, []
+    if ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location=dev, weights_only=False)
+        if ckpt["config_hash"] == chash and ckpt["seed"] == seed:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            if ema is not None:
+                ema.load_state_dict(ckpt["ema"])
+            start_epoch, history = ckpt["epoch"], ckpt["history"]
+            log.info("resuming %s from epoch %d", run_dir, start_epoch)
+        else:  # a different config left this: keep it aside rather than resume into the wrong run
+            ckpt_path.rename(run_dir / f"checkpoint.{ckpt['config_hash']}.stale.pt")
+
+    run_tags = {"row": cfg.get("row"), "preset": cfg.get("preset"), "config_hash": chash, "seed": seed,
+                "git_commit": git_commit(), **versions(), **cluster_tags(), **(tags or {})}
+    tracker = open_tracker(run_dir, experiment or f"tlvit-{cfg.get('preset')}", f"{cfg.get('row')}-s{seed}",
+                           {**cfg, "seed": seed, "lr_effective": lr, "global_batch": global_batch}, run_tags,
+                           enabled=tracking and env.is_main)
+
+    # ---------------------------------------------------------------- epochs
+    t_start = time.time()
+    end_epoch = cfg["epochs"] if stop_after_epochs is None else min(cfg["epochs"], stop_after_epochs)
+    for epoch in range(start_epoch, end_epoch):
+        torch.manual_seed(epoch_seed(seed, epoch, env.rank))  # augmentation (workers=0), drop-path
+        sampler.set_epoch(epoch)
+        loader_gen = torch.Generator().manual_seed(epoch_seed(seed, epoch, env.rank))  # worker seeds
+        loader = DataLoader(train_ds, batch_size=cfg["batch_size"], sampler=sampler, num_workers=cfg["workers"],
+                            generator=loader_gen, drop_last=True, pin_memory=dev.type == "cuda")
+        mix_gen = torch.Generator().manual_seed(epoch_seed(seed, epoch))  # same box on every rank
+        stats = train_one_epoch(net, model, loader, supervision, optimizer, scheduler, epoch, dev,
+                                mix_token=cfg["augment"]["mix_token"], generator=mix_gen, ema=ema,
+                                clip_grad=cfg.get("clip_grad"), last_checkpoint=str(ckpt_path) if epoch else "none",
+                                show_progress=show_progress and env.is_main)
+        if (epoch + 1) % cfg.get("eval_every", 1) == 0 or epoch + 1 == cfg["epochs"]:
+            val_loader = DataLoader(val_ds, batch_size=256, sampler=ShardSampler(len(val_ds), env), num_workers=cfg["workers"])
+            stats.update({f"val_{k}": v for k, v in evaluate(model, val_loader, dev, modes).items()})
+            if ema is not None:
+                stats.update({f"ema_val_{k}": v for k, v in evaluate(ema.module, val_loader, dev, modes).items()})
+        stats["epoch"] = epoch + 1
+        history.append(stats)
+        tracker.log_metrics({k: v for k, v in stats.items() if k != "epoch"}, step=epoch + 1)
+        if env.is_main:
+            save_torch_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                               "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
+                               "epoch": epoch + 1, "history": history, "config_hash": chash, "seed": seed,
+                               "config": cfg}, ckpt_path)
+        barrier()
+        log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()})
+
+    done = len(history) == cfg["epochs"]
+    last = history[-1] if history else {}
+    prefix = "ema_val_" if ema is not None else "val_"
+    result = {
+        "top1": last.get(f"{prefix}top1"), "top5": last.get(f"{prefix}top5"),
+        "top1_raw": last.get("val_top1"), "top1_ema": last.get("ema_val_top1"),
+        "epochs": len(history), "complete": done, "seed": seed, "config_hash": chash,
+        "mlflow_run_id": tracker.run_id, "git_commit": run_tags["git_commit"], "train_time_s": round(time.time() - t_start, 1),
+        "images_per_s": last.get("images_per_s"), "lr_effective": lr, "global_batch": global_batch,
+    }
+    result["curves"] = {k: [h.get(k) for h in history] for k in ("epoch", "train_loss", "val_top1", "ema_val_top1", "lr")}
+    if supervision.dense:
+        result["top1_cls_only"] = last.get(f"{prefix}top1_cls")
+    if env.is_main:
+        _write_history(run_dir / "history.csv", history)
+        write_json(run_dir / "result.json", result)
+    tracker.set_tags({"complete": done})
+    if done:
+        tracker.finish("FINISHED")
+    return result
+
+
+def _write_history(path: Path, history: list[dict]) -> None:
+    from tlvit.io import atomic_path
+
+    keys = sorted({k for h in history for k in h}, key=lambda k: (k != "epoch", k))
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(history)
