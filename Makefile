@@ -27,3 +27,9 @@ test-fast: setup  ## unit tests only
 
 mlflow-ui: setup  ## browse the runs: http://127.0.0.1:5000
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+slurm-up:  ## start the single-node Slurm the cluster tests use (root; installs munge/slurm/mariadb with apt)
+	bash scripts/slurm-up.sh
+
+slurm-down:  ## stop it (`make slurm-down ARGS=--purge` also deletes its state)
+	bash scripts/slurm-down.sh $(ARGS)

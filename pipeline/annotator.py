@@ -35,10 +35,10 @@ def main(argv=None) -> None:
     t0, history = time.time(), []
     if cfg["epochs"] > 0 and cfg["train_split"]:
         # crops (not whole images): the annotator must label what is under each location, not the image
-        geometry = TrainGeometry(size, tuple(cfg["crop_scale"]), hflip=0.0)
+        geometry = TrainGeometry(cfg["train_size"], tuple(cfg["crop_scale"]), hflip=0.0)
         train_ds = DenseLabelDataset(data["root"], cfg["train_split"], geometry, mean, std)
         history = train_annotator(model, train_ds, epochs=cfg["epochs"], batch_size=cfg["batch_size"], lr=cfg["lr"],
-                                  weight_decay=cfg["weight_decay"], seed=cfg["seed"])
+                                  weight_decay=cfg["weight_decay"], seed=cfg["seed"], dense=cfg["dense_loss"])
     weights = out / "model.pth"
     save_torch_atomic(model.state_dict(), weights)
     top1 = image_accuracy(model, val)

@@ -43,8 +43,24 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def default_tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+def default_tracking_uri(root: str | Path | None = None) -> str:
+    """MLFLOW_TRACKING_URI, else `sqlite:///<root or cwd>/mlflow.db`."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root or Path.cwd()).resolve() / 'mlflow.db'}"
+
+
+def prepare_store(uri: str) -> None:
+    """Create or upgrade a database store's schema once, in this process, before jobs open it concurrently
+    (processes migrating a fresh SQLite store at the same time leave it unusable)."""
+    if uri.startswith(("http://", "https://", "databricks")):
+        return
+    try:
+        from mlflow.tracking import MlflowClient
+    except ImportError:
+        return
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as e:  # the jobs will buffer; say why now
+        log.warning("MLflow store %s cannot be opened (%s: %s); jobs will buffer their metrics", uri, type(e).__name__, e)
 
 
 def server_reachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
@@ -128,7 +144,7 @@ class Tracker:
                 self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
                 return
             except Exception as e:
-                log.warning("MLflow log failed (%s); buffering", e)
+                log.warning("MLflow at %s unreachable (log failed: %s); buffering metrics in %s", self.uri, e, self.buffer)
                 self._warned = True
                 self.client = None
         with open(self.buffer, "a") as f:

@@ -77,9 +77,8 @@ def train_annotator(model: nn.Module, train_ds: DenseLabelDataset, *, epochs: in
     """Supervised training with image-level labels (AdamW, cosine, label smoothing 0.1); per-epoch stats.
 
     dense=True puts the loss on every location of the dense map (the classifier as a 1x1 conv, exactly
-    as it is used to annotate) instead of on the pooled logits: pooling only constrains the average,
-    and a pooled-trained annotator's per-location argmax was right on 58% of digit pixels (63% with
-    dense=False vs see docs/annotator.md for the measured comparison).
+    as it is used to annotate) instead of on the pooled logits: pooling only constrains the average
+    of the locations, not each one (measured comparison in docs/annotator.md).
     """
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2

@@ -61,8 +61,16 @@ def launch_rows(rows: list[str], *, params_path: str | Path = "params.yaml", row
               for row in rows}
     folder = launcher.folder_path(workdir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{preset}" / "%j"
     executor = make_executor(launcher, folder, name=f"tlvit-{preset}")
-    threads = launcher.slurm.cpus_per_task if launcher.kind != "local" else None
+    threads = launcher.slurm.cpus_per_task if launcher.kind == "slurm" else None  # local kinds: torch default
     jobs_in = [RowJob(row, str(workdir), str(params_path), str(rows_path), num_threads=threads) for row in rows]
+    if launcher.kind != "local":  # one schema migration here, not one per concurrently starting job
+        from tlvit.tracking import default_tracking_uri, prepare_store
+
+        uri = default_tracking_uri(workdir)
+        prepare_store(uri)
+        if launcher.kind == "slurm" and uri.startswith("sqlite:"):
+            log.warning("MLflow store is a SQLite file (%s): jobs on other nodes should log to a server instead "
+                        "(MLFLOW_TRACKING_URI=http://<host>:<port>, docs/cluster.md)", uri)
     commit = git_commit(workdir)
     submitted_at = time.time()
     with executor.batch():  # one sbatch for all rows (an array), so they queue together

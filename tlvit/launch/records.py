@@ -123,9 +123,19 @@ def _pid_alive(pid: int) -> bool:
 
 
 def slurm_state(job_id: str, folder: str) -> str:
-    """Slurm's state of a job, forcing a fresh `sacct` (submitit caches states; accounting lags)."""
+    """Slurm's state of a job: `squeue` while the controller has it queued or running (accounting lags
+    behind it by seconds, array tasks most), else a forced `sacct` through submitit (its cache lags too)."""
+    import subprocess
+
     import submitit
 
+    try:
+        q = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=60)
+        live = q.stdout.split()
+        if q.returncode == 0 and live:
+            return live[0].upper()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
     job = submitit.SlurmJob(folder=folder, job_id=job_id)
     state = job.get_info(mode="force").get("State") or "UNKNOWN"
     return state.split()[0].upper()  # "CANCELLED by 0" -> CANCELLED
