@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 
 from pipeline import run_stage
 from tlvit.config import load_params
 from tlvit.layout import Layout
 from tlvit.provenance import git_commit
-from tlvit.report import curves_figure, delta_figure, load_tables, render_markdown, table_frame, write_text
+from tlvit.report import (curves_figure, delta_figure, dense_label_table, load_tables, render_markdown, table_frame,
+                          write_text)
 
 
 def main(argv=None) -> None:
@@ -37,13 +37,9 @@ def main(argv=None) -> None:
     index.append("\n## Figures\n")
     if curves_figure(params["rows"], layout, out / "figures" / "training_curves.png"):
         index.append("- [Training curves](figures/training_curves.png): validation top-1 per epoch, per row")
-    index.append("\n## Dense labels (annotator)\n")
-    for name in ("annotator", "scoremaps"):
-        path = layout.metrics_dir / f"{name}.json"
-        if path.is_file():
-            m = json.loads(path.read_text())
-            shown = {k: v for k, v in m.items() if "class" not in k}
-            index.append(f"- `{name}`: " + ", ".join(f"{k} = {v}" for k, v in shown.items()))
+    dense = dense_label_table(layout)
+    if dense:
+        index += ["\n## Dense labels (annotator vs ground-truth maps)\n", dense]
     write_text(out / "README.md", "\n".join(index) + "\n")
     print(f"report: {out.resolve() / 'README.md'}")
 

@@ -53,3 +53,32 @@ def test_imagenet_preset_names_the_missing_dataset(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(Exception, match=rf"{tmp_path}/imagenet/train: dataset split not found.*data.root"):
         main(["--params", str(params)])
+
+
+def test_every_table_row_is_defined_and_builds_under_every_preset():
+    import timm
+    import torch
+
+    import tlvit.models  # noqa: F401
+    from tlvit.config import load_rows
+    from tlvit.report import load_tables
+    from tlvit.supervision import Supervision
+
+    params = load_params(PARAMS)
+    rows = load_rows(ROWS)
+    tables = load_tables(REPO / "experiments" / "tables")
+    assert {"lvvit_table3", "lvvit_table6", "tlalign_table2", "tlalign_table7", "tlalign_table8"} <= {t.key for t in tables}
+    for table in tables:
+        for r in table.rows:
+            assert r["row"] in rows, f"{table.key}: row {r['row']!r} is not in experiments/rows.yaml"
+            assert isinstance(r.get("paper"), (int, float)), f"{table.key}: {r['row']} has no paper value"
+    for preset in params["presets"]:
+        for row in rows:
+            cfg = resolve_run_config(params, row, preset=preset, rows_path=ROWS, params_path=PARAMS)
+            with torch.device("meta"):
+                model = timm.create_model(cfg["model"], num_classes=10, img_size=cfg["img_size"],
+                                          aux_head=cfg["supervision"]["kind"] == "token_labeling", **cfg["model_kwargs"])
+            sup, aug = cfg["supervision"], cfg["augment"]
+            Supervision(sup["kind"], 10, model.token_grid, mix=aug["mix"], mix_token=aug["mix_token"], align=sup["align"],
+                        align_layers=tuple(sup["align_layers"]), align_target=sup["align_target"])
+            assert all(0 <= i < len(model.blocks) for i in sup["align_layers"]), (preset, row)

@@ -82,7 +82,7 @@ def test_train_geometry_theta_reproduces_the_image_transform(hflip):
     img = Image.fromarray(arr).convert("RGB")
     torch.manual_seed(3)
     geo = TrainGeometry(32, scale=(0.3, 0.6), hflip=hflip, interpolation=InterpolationMode.BILINEAR)
-    out, theta = geo(img)
+    out, theta, _ = geo(img)
     src = TF.to_tensor(img)[None].double()
     grid = F.affine_grid(theta[None].double(), [1, 3, 32, 32], align_corners=False)
     warped = F.grid_sample(src, grid, mode="bilinear", align_corners=False)[0]
@@ -92,6 +92,69 @@ def test_train_geometry_theta_reproduces_the_image_transform(hflip):
 
 def test_eval_geometry_centre_crop_region():
     img = Image.new("RGB", (80, 40))
-    _, theta = EvalGeometry(32, crop_pct=1.0)(img)
+    _, theta, _ = EvalGeometry(32, crop_pct=1.0)(img)
     # the centre 40x40 square of an 80x40 image spans x in [-0.5, 0.5] of the full image
     assert torch.allclose(theta, torch.tensor([[0.5, 0, 0], [0, 1.0, 0]]))
+
+
+@pytest.mark.parametrize("op", ["Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"])
+def test_rand_augment_geometric_ops_move_the_labels_with_the_pixels(op):
+    """theta from RandAugment's geometric op, composed with the crop, warps the original onto the output."""
+    import random
+
+    from timm.data.auto_augment import AugmentOp, RandAugment
+
+    from tlvit.data.rand_augment import LabelAwareRandAugment
+
+    rng = np.random.default_rng(1)
+    arr = np.kron((rng.random((6, 12)) * 255).astype(np.uint8), np.ones((8, 8), np.uint8))  # 48 x 96, blocky
+    img = Image.fromarray(arr).convert("RGB")
+    hp = {"translate_const": 20, "img_mean": (0, 0, 0), "interpolation": Image.NEAREST}
+    ra = LabelAwareRandAugment(RandAugment([AugmentOp(op, prob=1.0, magnitude=9, hparams=hp)], num_layers=1))
+    torch.manual_seed(0), random.seed(0), np.random.seed(0)
+    geo = TrainGeometry(48, scale=(0.5, 0.8), hflip=0.5, interpolation=InterpolationMode.NEAREST, rand_augment=ra)
+    out, theta, clips = geo(img)
+    assert not torch.allclose(theta, crop_flip_theta((0, 0, 48, 96), (48, 96), False).float())
+    grid = F.affine_grid(theta[None].double(), [1, 3, 48, 48], align_corners=False)
+    warped = F.grid_sample(TF.to_tensor(img)[None].double(), grid, mode="nearest", align_corners=False)[0]
+    # where RandAugment moved fill colour in, the image is 0 and the labels must be absent too
+    from tlvit.labels.geometry import clip_mask
+
+    valid = clip_mask(clips[None].double(), (48, 48))[0]
+    warped = warped * valid
+    target = TF.to_tensor(out).double()
+    # the image went through two nearest resamplings (crop resize, then the op), the warp through one:
+    # they may round differently by one pixel, so each pixel must match within its 3x3 neighbourhood
+    neighbours = F.unfold(F.pad(warped[None], (1, 1, 1, 1), mode="replicate"), 3).view(3, 9, 48, 48)
+    match = ((neighbours - target[:, None]).abs() < 1e-6).any(1)
+    assert match.double().mean() > 0.99
+
+
+def test_rand_augment_is_reproducible_from_the_seeds():
+    import random
+
+    from tlvit.data.rand_augment import build_rand_augment
+
+    img = Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8))
+    ra = build_rand_augment("rand-m9-mstd0.5-inc1", 32, (0.5, 0.5, 0.5))
+
+    def run():
+        random.seed(5), np.random.seed(5), torch.manual_seed(5)
+        return [ra(img) for _ in range(4)]
+
+    a, b = run(), run()
+    assert all(np.array_equal(np.asarray(x[0]), np.asarray(y[0])) and torch.equal(x[1], y[1]) and torch.equal(x[2], y[2])
+               for x, y in zip(a, b))
+
+
+def test_clipped_regions_carry_no_label():
+    """A translate that moves fill colour into the right half: those cells get no label, the rest keep theirs."""
+    maps = quadrant_maps(8, 8)
+    crop = crop_flip_theta((0, 0, 8, 4), (8, 8), False)  # the left half (classes 0 and 2)
+    shift = torch.tensor([[1.0, 0, 1.0], [0, 1.0, 0]], dtype=torch.double)  # output x -> input x + 1 (half the width)
+    theta = compose(shift, crop)[None]
+    cells, _ = resample_label_maps(maps, theta, (2, 2))
+    assert cells[0, :, 0, 1].argmax().item() == 1  # without clips: the map beyond the crop (class 1) leaks in
+    cells, _ = resample_label_maps(maps, theta, (2, 2), clips=shift[None, None])
+    assert cells[0, :, 0, 0].argmax().item() == 0  # left cell: the crop's right part, still class 0
+    assert torch.allclose(cells[0, :, 0, 1], torch.full((4,), 0.25, dtype=torch.double))  # fill: uniform

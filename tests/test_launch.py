@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import pickle
 import shlex
 import shutil
@@ -114,8 +113,10 @@ def test_local_kinds_use_submitit_local_or_run_in_process(tmp_path):
 def test_launcher_section_is_checked():
     base = {"presets": {}}
     assert load_launcher_config(base).kind == "local"  # no section: defaults
-    cfg = load_launcher_config(load_params(REPO / "params.yaml"), kind="slurm", folder="/shared/x")
-    assert (cfg.kind, cfg.folder, cfg.slurm.timeout_min) == ("slurm", "/shared/x", 1440)
+    cfg = load_launcher_config(load_params(REPO / "params.yaml"), kind="slurm", folder="/shared/x")  # the repo's section parses
+    assert (cfg.kind, cfg.folder) == ("slurm", "/shared/x")
+    cfg = load_launcher_config({"launcher": {"folder": "sub", "slurm": {"nodes": 2, "mem_gb": None, "partition": None}}})
+    assert cfg.slurm.nodes == 2 and cfg.folder_path("/repo") == Path("/repo/sub")
     with pytest.raises(ConfigError, match="unknown launcher.slurm key.*gpus"):
         load_launcher_config({"launcher": {"slurm": {"gpus": 2}}})
     with pytest.raises(ConfigError, match="launcher.kind"):
@@ -278,6 +279,27 @@ def test_row_job_requeues_a_fresh_copy_of_itself():
     delayed = job.checkpoint()
     assert delayed.function == job and delayed.function is not job and delayed.args == ()
     assert pickle.loads(pickle.dumps(job)) == job
+
+
+def test_status_table_shows_job_run_and_latest_top1(tmp_path, monkeypatch):
+    from tlvit.launch.status import collect, format_table
+
+    repo = make_tiny_repo(tmp_path / "repo", {"a": {}, "b": {"label_smoothing": 0.2}}, per_class=1)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")  # no server: values come from files
+    layout = Layout("tiny", repo)
+    rec.write_record(layout, _record(repo, row="a", kind="local", job_id="local-1-1", state="COMPLETED",
+                                     config_hash=row_hash(repo, "a")))
+    layout.row_metrics("a").parent.mkdir(parents=True)
+    layout.row_metrics("a").write_text(json.dumps({"config_hash": row_hash(repo, "a"), "top1": 91.25, "top1_std": None}))
+    (layout.run_dir("a", 0)).mkdir(parents=True)
+    (layout.run_dir("a", 0) / "mlflow_run_id").write_text("f" * 32)
+    layout.run_dir("b", 0).mkdir(parents=True)  # b is training: only its offline buffer has numbers
+    (layout.run_dir("b", 0) / "tracking_buffer.jsonl").write_text(
+        "".join(json.dumps({"key": "ema_val_top1", "value": v, "timestamp": 0, "step": s}) + "\n" for s, v in ((1, 40.0), (2, 55.5))))
+    table = format_table(collect(workdir=repo, use_dvc=False))
+    line_a, line_b = table.splitlines()[2:4]
+    assert line_a.split() == ["a", "?", "local-1-1", "COMPLETED", "f" * 32, "91.25"]
+    assert line_b.split()[:4] == ["b", "?", "-", "-"] and "55.50 (epoch 2, seed 0)" in line_b
 
 
 def test_cli_has_launch_status_sync():

@@ -196,12 +196,12 @@ def test_launch_runs_stale_rows_together_and_dvc_repro_collects_them(slurm_env, 
     slurm_env.extend(r.job_id for r in records.values())
     array_ids = {r.job_id.split("_")[0] for r in records.values()}
     assert len(array_ids) == 1, "all rows go in one submission (an array)"
+    (array_id,) = array_ids
 
     # both rows run at the same time
     deadline, both, q = time.time() + 120, False, ""
     while time.time() < deadline and not both:
-        q = subprocess.run(["squeue", "-h", "-o", "%i %T", "-j", array_ids.pop()], capture_output=True, text=True).stdout
-        array_ids.add(records[rows[0]].job_id.split("_")[0])
+        q = subprocess.run(["squeue", "-h", "-o", "%i %T", "-j", array_id], capture_output=True, text=True).stdout
         states = dict(line.split() for line in q.splitlines() if line.strip())
         both = all(states.get(r.job_id) == "RUNNING" for r in records.values())
         time.sleep(0.5)

@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from tlvit.labels.geometry import crop_flip_theta
-from tlvit.losses import TokenLabelingLoss, soft_cross_entropy
+from tlvit.losses import TokenLabelingLoss, smooth, soft_cross_entropy
 from tlvit.models.lvvit import TrainOutput
-from tlvit.supervision import Supervision, smooth
+from tlvit.supervision import Supervision
 
 
 def test_soft_cross_entropy_matches_hand_value():

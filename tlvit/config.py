@@ -92,6 +92,9 @@ def resolve_run_config(
         set_dotted(cfg, key, value, where=f"{rows_path} row {row_id!r}")
     for key, value in ((row.get("preset_overrides") or {}).get(preset_name) or {}).items():
         set_dotted(cfg, key, value, where=f"{rows_path} row {row_id!r} (preset {preset_name})")
+    models = cfg.pop("models", None) or {}
+    if cfg["model"] in models:  # a paper model name -> this preset's timm model (lvvit_s -> lvvit_e, ...)
+        cfg["model"] = models[cfg["model"]]
     cfg["row"] = row_id
     cfg["preset"] = preset_name
     return cfg

@@ -10,7 +10,6 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from tlvit.distributed import all_reduce_sum
-from tlvit.models.mix_token import sample_token_box
 from tlvit.supervision import Supervision
 
 
@@ -25,8 +24,8 @@ class TrainForward(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor, mix_box=None):
-        return self.model.forward_train(x, mix_box=mix_box)
+    def forward(self, x: torch.Tensor, mix_box=None, attn_callback=None):
+        return self.model.forward_train(x, mix_box=mix_box, attn_callback=attn_callback)
 
 
 def train_one_epoch(
@@ -39,7 +38,6 @@ def train_one_epoch(
     epoch: int,
     device: torch.device,
     *,
-    mix_token: bool,
     generator: torch.Generator,
     ema=None,
     clip_grad: float | None = None,
@@ -55,12 +53,12 @@ def train_one_epoch(
     for step, batch in enumerate(bar):
         x = batch["image"].to(device, non_blocking=True)
         cls_target, token_target = supervision.targets(batch, device)
-        box = None
-        if mix_token:  # MixToken: one box per batch; token targets need no mixing (outputs are swapped back)
-            box, lam = sample_token_box(model.token_grid, generator)
-            cls_target = lam * cls_target + (1 - lam) * cls_target.flip(0)
+        x, cls_target, token_target, box, aligner = supervision.mix_batch(
+            x, batch["label"].to(device), cls_target, token_target, generator)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            out = net(x, mix_box=box)
+            out = net(x, mix_box=box, attn_callback=aligner)
+            if aligner is not None:  # TL-Align: the labels travelled with the attention of this forward pass
+                cls_target = supervision.aligned_target(aligner)
             loss = supervision(out, cls_target, token_target)
         if not math.isfinite(loss.item()):
             ids = batch["index"].tolist()

@@ -5,6 +5,11 @@ import torch
 import torch.nn as nn
 
 
+def smooth(p: torch.Tensor, eps: float) -> torch.Tensor:
+    """Label smoothing of a distribution over the last dim: (1 - eps) p + eps / C."""
+    return p * (1 - eps) + eps / p.shape[-1] if eps > 0 else p
+
+
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """mean over leading dims of H(target, softmax(logits)); logits/target [..., C]."""
     return torch.sum(-target * logits.log_softmax(-1), dim=-1).mean()

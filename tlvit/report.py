@@ -19,6 +19,7 @@ from tlvit.io import atomic_path
 from tlvit.layout import Layout
 
 PENDING = "pending"
+PAPERS = {"lvvit": "LV-ViT", "tlalign": "TL-Align"}
 # two-sided 95% Student-t quantiles by degrees of freedom (n - 1); n >= 31 uses the normal value
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
        15: 2.131, 20: 2.086, 30: 2.042}
@@ -50,7 +51,7 @@ class Table:
     @property
     def caption(self) -> str:
         s = self.source
-        return f"{s['paper'].upper()} Table {s['table']}: {self.title}"
+        return f"{PAPERS.get(s['paper'], s['paper'])} Table {s['table']}: {self.title}"
 
 
 def load_tables(directory: str | Path = "experiments/tables") -> list[Table]:
@@ -182,3 +183,21 @@ def curves_figure(rows: list[str], layout: Layout, path: Path) -> bool:
             fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
     return drawn
+
+
+def dense_label_table(layout: Layout) -> str | None:
+    """Markdown table of the annotator's accuracy (image-level and dense, per split), if measured."""
+    ann, maps = layout.metrics_dir / "annotator.json", layout.metrics_dir / "scoremaps.json"
+    if not maps.is_file():
+        return None
+    m = json.loads(maps.read_text())
+    a = json.loads(ann.read_text()) if ann.is_file() else {}
+    rows = []
+    for split in ("train", "val"):
+        if f"{split}_dense_acc" in m:
+            rows.append({"split": split, "dense-label accuracy (%)": m[f"{split}_dense_acc"],
+                         "on primary-digit pixels": m[f"{split}_dense_acc_primary"],
+                         "on secondary-digit pixels": m[f"{split}_dense_acc_secondary"]})
+    head = (f"Annotator image-level val top-1: {a.get('val_top1', '—')}% ({a.get('epochs', '—')} epochs, "
+            f"{a.get('train_time_s', '—')} s). Score maps: grid {m.get('grid')}, {m.get('bytes_per_image')} bytes/image.\n\n")
+    return head + (pd.DataFrame(rows).to_markdown(index=False, floatfmt=".2f") if rows else "") + "\n"

@@ -14,14 +14,14 @@ import torch.nn.functional as F
 
 from tlvit.labels.geometry import resample_label_maps
 from tlvit.labels.score_maps import topk_to_dense
-from tlvit.losses import ClassTokenLoss, TokenLabelingLoss
+from tlvit.losses import ClassTokenLoss, TokenLabelingLoss, smooth
+from tlvit.mixing import KINDS as MIX_KINDS
+from tlvit.mixing import mix_images, mix_targets, mix_token_targets
+from tlvit.models.mix_token import sample_token_box
+from tlvit.tl_align import VARIANTS as ALIGN_VARIANTS
+from tlvit.tl_align import LabelAligner, initial_labels
 
 KINDS = ("ce", "relabel", "token_labeling")
-
-
-def smooth(p: torch.Tensor, eps: float) -> torch.Tensor:
-    """Label smoothing of a distribution over the last dim."""
-    return p * (1 - eps) + eps / p.shape[-1] if eps > 0 else p
 
 
 @dataclass
@@ -33,12 +33,20 @@ class Supervision:
     token_weight: float = 0.5
     cls_target: str = "label"  # label | annotator
     absent_classes: str = "zero_prob"
+    mix: str = "none"  # image-level mixing with the flipped batch (tlvit.mixing.KINDS)
+    mix_alpha: float = 1.0
+    mix_token: bool = False  # MixToken (LV-ViT Sec. 3.3): token box swapped after patch embedding
+    align: str = "none"  # TL-Align variant (tlvit.tl_align.VARIANTS) or none
+    align_layers: tuple[int, ...] = ()  # 0-based blocks for align="layers"
+    align_target: str = "cls"  # cls (DeiT: the aligned class-token label) | mean_tokens (pooling models)
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"supervision.kind must be one of {KINDS}, not {self.kind!r}")
-        if self.cls_target not in ("label", "annotator"):
-            raise ValueError(f"supervision.cls_target must be 'label' or 'annotator', not {self.cls_target!r}")
+        checks = {"kind": (self.kind, KINDS), "cls_target": (self.cls_target, ("label", "annotator")),
+                  "mix": (self.mix, MIX_KINDS), "align": (self.align, ("none",) + ALIGN_VARIANTS),
+                  "align_target": (self.align_target, ("cls", "mean_tokens"))}
+        for name, (value, allowed) in checks.items():
+            if value not in allowed:
+                raise ValueError(f"supervision/augment {name} must be one of {allowed}, not {value!r}")
         self.loss = TokenLabelingLoss(self.token_weight) if self.kind == "token_labeling" else ClassTokenLoss()
 
     @property
@@ -56,13 +64,44 @@ class Supervision:
             return smooth(label, self.label_smoothing), None
         maps = topk_to_dense(batch["topk_logits"].to(device), batch["topk_classes"].to(device), self.num_classes,
                              self.absent_classes)
-        cells, pooled = resample_label_maps(maps, batch["theta"].to(device), self.token_grid)
+        clips = batch["clips"].to(device) if "clips" in batch else None
+        cells, pooled = resample_label_maps(maps, batch["theta"].to(device), self.token_grid, clips=clips)
         use_pooled = self.kind == "relabel" or self.cls_target == "annotator"
         cls = smooth(pooled if use_pooled else label, self.label_smoothing)
         if not self.dense:
             return cls, None
         tokens = smooth(cells.flatten(2).transpose(1, 2), self.label_smoothing)  # [B, Gh*Gw, C]
         return cls, tokens
+
+    def mix_batch(self, x: torch.Tensor, labels: torch.Tensor, cls_target: torch.Tensor, token_target: torch.Tensor | None,
+                  generator: torch.Generator) -> tuple:
+        """Apply the row's mixing to a batch: (images, cls target, token targets, MixToken box, aligner).
+
+        Image mixing (CutMix, MixUp, ...) mixes the class target by the area share and each token's
+        target by the share of its pixels from each image. MixToken mixes the class target by its
+        token box; token targets need nothing (the model swaps those outputs back). With TL-Align the
+        returned `LabelAligner` is the model's attn_callback and gives the class target afterwards
+        (`aligned_target`).
+        """
+        box = aligner = None
+        if self.mix != "none" or self.align != "none":
+            mixed = mix_images(x, self.mix, self.token_grid, generator, self.mix_alpha)
+            x = mixed.images
+            cls_target = mix_targets(cls_target, mixed.lam)
+            if token_target is not None:
+                token_target = mix_token_targets(token_target, mixed.token_own.to(x.device))
+            if self.align != "none":
+                one_hot = F.one_hot(labels, self.num_classes).float()
+                aligner = LabelAligner(initial_labels(one_hot, mixed, self.label_smoothing), self.align,
+                                       self.align_layers or None, smoothing=self.label_smoothing)
+        if self.mix_token:
+            box, lam = sample_token_box(self.token_grid, generator)
+            cls_target = lam * cls_target + (1 - lam) * cls_target.flip(0)
+        return x, cls_target, token_target, box, aligner
+
+    def aligned_target(self, aligner: LabelAligner) -> torch.Tensor:
+        """TL-Align's class target after the forward pass propagated the labels."""
+        return aligner.cls_target() if self.align_target == "cls" else aligner.mean_token_target()
 
     def __call__(self, out, cls_target: torch.Tensor, token_target: torch.Tensor | None) -> torch.Tensor:
         return self.loss(out.cls_logits, cls_target, out.token_logits, token_target)

@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import csv
 import logging
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from timm.data.random_erasing import RandomErasing
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from tlvit.config import config_hash
 from tlvit.data.datasets import DenseLabelDataset, EvalGeometry, TrainGeometry
+from tlvit.data.rand_augment import build_rand_augment
 from tlvit.distributed import DistEnv, barrier, init_distributed
 from tlvit.engine import TrainForward, evaluate, train_one_epoch
 from tlvit.io import save_torch_atomic, write_json
@@ -96,20 +100,27 @@ def train(cfg: dict, seed: int, run_dir: str | Path, inputs: RunInputs, *, devic
 
     # ---------------------------------------------------------------- data
     mean, std = DATA_STATS[inputs.data_kind]
-    geometry = TrainGeometry(cfg["img_size"], tuple(cfg["crop_scale"]), tuple(cfg["crop_ratio"]), cfg["hflip"])
+    rand_augment = build_rand_augment(cfg["rand_augment"], cfg["img_size"], mean) if cfg.get("rand_augment") else None
+    geometry = TrainGeometry(cfg["img_size"], tuple(cfg["crop_scale"]), tuple(cfg["crop_ratio"]), cfg["hflip"],
+                             rand_augment=rand_augment)
+    erasing = RandomErasing(cfg["reprob"], mode="pixel", device="cpu") if cfg.get("reprob") else None
     probe_sup = Supervision(sup_cfg["kind"], 1, (1, 1), cls_target=sup_cfg["cls_target"])  # validates kind early
     store = inputs.score_maps if probe_sup.needs_score_maps else None
     if probe_sup.needs_score_maps and store is None:
         raise ValueError(f"row {cfg.get('row')!r}: supervision {sup_cfg['kind']!r} needs score maps; none given")
-    train_ds = DenseLabelDataset(inputs.data_root, "train", geometry, mean, std, score_maps=store)
+    train_ds = DenseLabelDataset(inputs.data_root, "train", geometry, mean, std, score_maps=store, erasing=erasing)
     val_ds = DenseLabelDataset(inputs.data_root, "val", EvalGeometry(cfg["img_size"], cfg.get("crop_pct", 1.0)), mean, std)
     num_classes = len(train_ds.classes)
 
     # ---------------------------------------------------------------- model, supervision, optimizer
     torch.manual_seed(seed)  # identical initial weights on every rank
     model = build_model(cfg, num_classes).to(dev)
+    aug = cfg["augment"]
     supervision = Supervision(sup_cfg["kind"], num_classes, tuple(model.token_grid), cfg["label_smoothing"],
-                              sup_cfg["token_weight"], sup_cfg["cls_target"], sup_cfg["absent_classes"])
+                              sup_cfg["token_weight"], sup_cfg["cls_target"], sup_cfg["absent_classes"],
+                              mix=aug["mix"], mix_alpha=aug["mix_alpha"], mix_token=aug["mix_token"],
+                              align=sup_cfg["align"], align_layers=tuple(sup_cfg["align_layers"]),
+                              align_target=sup_cfg["align_target"])
     modes = ("cls_plus_aux", "cls") if supervision.dense else ("cls",)
     net = TrainForward(model)
     if env.enabled:
@@ -152,14 +163,17 @@ def train(cfg: dict, seed: int, run_dir: str | Path, inputs: RunInputs, *, devic
     t_start = time.time()
     end_epoch = cfg["epochs"] if stop_after_epochs is None else min(cfg["epochs"], stop_after_epochs)
     for epoch in range(start_epoch, end_epoch):
-        torch.manual_seed(epoch_seed(seed, epoch, env.rank))  # augmentation (workers=0), drop-path
+        # augmentation in this process (workers=0; timm's RandAugment draws from `random` and numpy), drop-path
+        torch.manual_seed(epoch_seed(seed, epoch, env.rank))
+        random.seed(epoch_seed(seed, epoch, env.rank))
+        np.random.seed(epoch_seed(seed, epoch, env.rank) % 2**32)
         sampler.set_epoch(epoch)
         loader_gen = torch.Generator().manual_seed(epoch_seed(seed, epoch, env.rank))  # worker seeds
         loader = DataLoader(train_ds, batch_size=cfg["batch_size"], sampler=sampler, num_workers=cfg["workers"],
                             generator=loader_gen, drop_last=True, pin_memory=dev.type == "cuda")
         mix_gen = torch.Generator().manual_seed(epoch_seed(seed, epoch))  # same box on every rank
         stats = train_one_epoch(net, model, loader, supervision, optimizer, scheduler, epoch, dev,
-                                mix_token=cfg["augment"]["mix_token"], generator=mix_gen, ema=ema,
+                                generator=mix_gen, ema=ema,
                                 clip_grad=cfg.get("clip_grad"), last_checkpoint=str(ckpt_path) if epoch else "none",
                                 show_progress=show_progress and env.is_main)
         if (epoch + 1) % cfg.get("eval_every", 1) == 0 or epoch + 1 == cfg["epochs"]:

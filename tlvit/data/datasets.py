@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
-from tlvit.labels.geometry import crop_flip_theta
+from tlvit.labels.geometry import compose, crop_flip_theta, identity_clips
 from tlvit.labels.score_maps import ScoreMapStore
 
 
@@ -51,22 +51,28 @@ def load_rgb(path: Path) -> Image.Image:
 
 @dataclass
 class TrainGeometry:
-    """Random-resized crop + horizontal flip, applied to the image and recorded as theta for its labels."""
+    """Random-resized crop, horizontal flip, optional RandAugment: the image, and theta for its labels."""
 
     size: int
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: float = 0.5
     interpolation: InterpolationMode = InterpolationMode.BICUBIC
+    rand_augment: Callable | None = None  # LabelAwareRandAugment: img -> (img, theta of its geometric ops)
 
-    def __call__(self, img: Image.Image) -> tuple[Image.Image, torch.Tensor]:
+    def __call__(self, img: Image.Image) -> tuple[Image.Image, torch.Tensor, torch.Tensor]:
+        """(image, theta [2, 3], clips [K, 2, 3]); see tlvit.labels.geometry.resample_label_maps."""
         top, left, h, w = RandomResizedCrop.get_params(img, list(self.scale), list(self.ratio))
         flip = bool(torch.rand(()) < self.hflip)
         out = TF.resized_crop(img, top, left, h, w, [self.size, self.size], self.interpolation, antialias=True)
         if flip:
             out = TF.hflip(out)
         theta = crop_flip_theta((top, left, h, w), (img.height, img.width), flip)
-        return out, theta.float()
+        clips = identity_clips(1)  # the crop lies inside the image: nothing to clip
+        if self.rand_augment is not None:
+            out, ra_theta, clips = self.rand_augment(out)
+            theta = compose(ra_theta, theta)
+        return out, theta.float(), clips.float()
 
 
 @dataclass
@@ -77,7 +83,7 @@ class EvalGeometry:
     crop_pct: float = 1.0
     interpolation: InterpolationMode = InterpolationMode.BICUBIC
 
-    def __call__(self, img: Image.Image) -> tuple[Image.Image, torch.Tensor]:
+    def __call__(self, img: Image.Image) -> tuple[Image.Image, torch.Tensor, torch.Tensor]:
         W, H = img.size
         side = min(H, W) * self.crop_pct  # the centre square (in source pixels) that becomes the output
         top, left = (H - side) / 2, (W - side) / 2
@@ -86,7 +92,7 @@ class EvalGeometry:
         else:
             out = TF.resized_crop(img, round(top), round(left), round(side), round(side), [self.size, self.size],
                                   self.interpolation, antialias=True)
-        return out, crop_flip_theta((top, left, side, side), (H, W), False).float()
+        return out, crop_flip_theta((top, left, side, side), (H, W), False).float(), identity_clips(1).float()
 
 
 class DenseLabelDataset(Dataset):
@@ -96,7 +102,7 @@ class DenseLabelDataset(Dataset):
     """
 
     def __init__(self, root: str | Path, split: str, geometry: Callable, mean: tuple, std: tuple,
-                 score_maps: str | Path | None = None):
+                 score_maps: str | Path | None = None, erasing: Callable | None = None):
         self.root = Path(root)
         self.split_dir = self.root / split
         self.paths, self.targets, self.classes = index_split(root, split)
@@ -104,6 +110,7 @@ class DenseLabelDataset(Dataset):
             raise DatasetError(f"{self.split_dir}: no images found (extensions {IMG_EXTENSIONS})")
         self.geometry = geometry
         self.mean, self.std = list(mean), list(std)
+        self.erasing = erasing  # e.g. timm RandomErasing on the normalised tensor; labels unchanged (as the original)
         self.store: ScoreMapStore | None = None
         if score_maps is not None:
             self.store = ScoreMapStore(score_maps)
@@ -114,9 +121,11 @@ class DenseLabelDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         img = load_rgb(self.split_dir / self.paths[i])
-        img, theta = self.geometry(img)
+        img, theta, clips = self.geometry(img)
         x = TF.normalize(TF.to_tensor(img), self.mean, self.std)
-        item = {"image": x, "label": self.targets[i], "index": i, "theta": theta}
+        if self.erasing is not None:
+            x = self.erasing(x)
+        item = {"image": x, "label": self.targets[i], "index": i, "theta": theta, "clips": clips}
         if self.store is not None:
             logits, classes = self.store.read(i)
             item["topk_logits"] = torch.from_numpy(logits)

@@ -53,11 +53,15 @@ def rotation_theta(degrees: float, aspect_hw: tuple[int, int] = (1, 1)) -> torch
 
 
 def resample_label_maps(
-    maps: torch.Tensor, theta: torch.Tensor, out_hw: tuple[int, int], samples_per_cell: int = 4
+    maps: torch.Tensor, theta: torch.Tensor, out_hw: tuple[int, int], samples_per_cell: int = 4,
+    clips: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Label distributions of the augmented image: per output cell and pooled over the whole image.
 
     maps: [B, C, h, w] class probabilities over the original image; theta: [B, 2, 3].
+    clips: [B, K, 2, 3] maps from the output to each intermediate image of the augmentation chain
+    (e.g. the crop before RandAugment translated it): a point outside any of them shows fill colour
+    in the image, so it carries no label either, even where the original image exists.
     Returns (cells [B, C, Gh, Gw], pooled [B, C]). Each output cell averages samples_per_cell^2
     point samples (roi_align's average pooling, generalised to any affine): its label is the mix of
     the map cells it covers, weighted by area. Samples that fall
@@ -70,11 +74,27 @@ def resample_label_maps(
     # nearest: a stored location labels its whole cell, so supersampling gives area-weighted mixes
     sampled = F.grid_sample(maps, grid, mode="nearest", padding_mode="zeros", align_corners=False)
     inside = F.grid_sample(torch.ones_like(maps[:, :1]), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    if clips is not None:
+        inside = inside * clip_mask(clips.to(maps.dtype), grid.shape[1:3])[:, None]
     cell_mass = F.avg_pool2d(sampled, s)
     cell_inside = F.avg_pool2d(inside, s)
     cells = _normalise(cell_mass, cell_inside, C)
     pooled = _normalise(sampled.mean((2, 3)), inside.mean((2, 3)), C)
     return cells, pooled
+
+
+def clip_mask(clips: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """[B, H, W] 1 where output sample points land inside every intermediate image of `clips` [B, K, 2, 3]."""
+    B, K = clips.shape[:2]
+    ident = torch.eye(2, 3, dtype=clips.dtype, device=clips.device).expand(B, 2, 3)
+    points = F.affine_grid(ident, [B, 1, *hw], align_corners=False)  # [B, H, W, 2] output coords
+    q = torch.einsum("bkij,bhwj->bkhwi", clips[..., :2], points) + clips[..., 2][:, :, None, None]
+    return (q.abs() <= 1).all(-1).all(1).to(clips.dtype)
+
+
+def identity_clips(k: int) -> torch.Tensor:
+    """[k, 2, 3] identity transforms: no intermediate image clips anything."""
+    return torch.eye(2, 3, dtype=torch.float64).expand(k, 2, 3).clone()
 
 
 def _normalise(mass: torch.Tensor, inside: torch.Tensor, num_classes: int) -> torch.Tensor:

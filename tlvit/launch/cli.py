@@ -50,7 +50,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
         if unknown:
             raise ConfigError(f"{args.params}: rows {unknown} are not in `rows` {all_rows} (DVC has no stage for them)")
         submit, skipped = plan_launch(params, args.rows or all_rows, ".", args.rows_file, args.params)
-    except ConfigError as e:
+    except (ConfigError, RuntimeError) as e:  # RuntimeError: `dvc status` failed (e.g. locked by a running repro)
         print(f"error: {e}", file=sys.stderr)
         return 2
     for row, why in skipped:
