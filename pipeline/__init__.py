@@ -10,9 +10,10 @@ def run_stage(main: Callable[[], None]) -> None:
     from tlvit.config import ConfigError
     from tlvit.data.datasets import DatasetError
     from tlvit.labels.score_maps import ScoreMapError
+    from tlvit.launch.records import LaunchError
 
     try:
         main()
-    except (ConfigError, DatasetError, ScoreMapError, FileNotFoundError) as e:
+    except (ConfigError, DatasetError, ScoreMapError, LaunchError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

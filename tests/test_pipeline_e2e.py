@@ -1,25 +1,15 @@
 """The whole pipeline, for real: `dvc repro` of the smoke preset in a temporary git + DVC repository."""
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
+from repo_copy import committed_copy, set_preset, sh
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.e2e
-
-
-def sh(cmd: list[str], cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
-    p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}")
-    return p
 
 
 def ran_stages(output: str) -> list[str]:
@@ -28,25 +18,8 @@ def ran_stages(output: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def smoke_repo(tmp_path_factory) -> tuple[Path, dict]:
-    """A copy of this repository's files (as git sees them) with `preset: smoke`, committed."""
-    dst = tmp_path_factory.mktemp("repo")
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split("\0")
-    for f in filter(None, files):
-        src = REPO / f
-        if src.is_file() and not f.startswith(("reports/", "metrics/")) and f != "dvc.lock":
-            (dst / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst / f)
-    params = dst / "params.yaml"
-    params.write_text(re.sub(r"^preset: \w+", "preset: smoke", params.read_text(), count=1, flags=re.M))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env["PYTHONDONTWRITEBYTECODE"] = "1"
-    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
-    sh(["git", "init", "-q"], dst, env)
-    sh(["git", "add", "-A"], dst, env)
-    sh(["git", "commit", "-qm", "smoke"], dst, env)
-    return dst, env
+    """A committed copy of this repository with `preset: smoke`."""
+    return committed_copy(tmp_path_factory.mktemp("repo"), lambda text: set_preset(text, "smoke"))
 
 
 def test_smoke_repro_end_to_end(smoke_repo):

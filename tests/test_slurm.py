@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -22,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from repo_copy import committed_copy, set_preset, sh
 from test_launch import make_tiny_repo
 from tlvit.launch import records as rec
 from tlvit.launch.launcher import launch_rows
@@ -150,36 +150,16 @@ def test_failed_job_is_resubmitted_once_and_never_recorded_as_done(slurm_env, tm
 
 
 # ---------------------------------------------------------------------------- tlvit launch + dvc repro
-def sh(cmd: list[str], cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
-    p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}")
-    return p
-
-
 def smoke_repo_with_slurm(dst: Path, tmp_path: Path) -> tuple[Path, dict]:
     """A git + DVC copy of this repository with `preset: smoke` and `launcher.kind: slurm`, committed."""
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split("\0")
-    for f in filter(None, files):
-        src = REPO / f
-        if src.is_file() and not f.startswith(("reports/", "metrics/")) and f != "dvc.lock":
-            (dst / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst / f)
-    params = dst / "params.yaml"
-    text = re.sub(r"^preset: \w+", "preset: smoke", params.read_text(), count=1, flags=re.M)
-    text = re.sub(r"^(  kind:) local\b", r"\1 slurm", text, count=1, flags=re.M)
-    text = re.sub(r"^(  folder:) \S+", rf"\1 {tmp_path / 'submitit'}", text, count=1, flags=re.M)
-    text = re.sub(r"^(    cpus_per_task:) \d+", r"\1 1", text, count=1, flags=re.M)
-    text = re.sub(r"^(    timeout_min:) \d+", r"\1 60", text, count=1, flags=re.M)
-    params.write_text(text)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env.update(PATH=f"{BIN}{os.pathsep}{env['PATH']}", PYTHONDONTWRITEBYTECODE="1", TLVIT_LAUNCH_POLL_S="1",
-               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
-    sh(["git", "init", "-q"], dst, env)
-    sh(["git", "add", "-A"], dst, env)
-    sh(["git", "commit", "-qm", "smoke"], dst, env)
-    return dst, env
+    def edit(text: str) -> str:
+        text = set_preset(text, "smoke")
+        text = re.sub(r"^(  kind:) local\b", r"\1 slurm", text, count=1, flags=re.M)
+        text = re.sub(r"^(  folder:) \S+", rf"\1 {tmp_path / 'submitit'}", text, count=1, flags=re.M)
+        text = re.sub(r"^(    cpus_per_task:) \d+", r"\1 1", text, count=1, flags=re.M)
+        return re.sub(r"^(    timeout_min:) \d+", r"\1 60", text, count=1, flags=re.M)
+
+    return committed_copy(dst, edit, TLVIT_LAUNCH_POLL_S="1")
 
 
 def test_launch_runs_stale_rows_together_and_dvc_repro_collects_them(slurm_env, tmp_path):

@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import csv
 import logging
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from timm.data.random_erasing import RandomErasing
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from tlvit.config import config_hash
-from tlvit.data.datasets import DenseLabelDataset, EvalGeometry, TrainGeometry
+from tlvit.data.datasets import DenseLabelDataset, EvalGeometry, TrainGeometry, hash_seed
 from tlvit.data.rand_augment import build_rand_augment
 from tlvit.distributed import DistEnv, barrier, init_distributed
 from tlvit.engine import TrainForward, evaluate, train_one_epoch
@@ -54,10 +52,6 @@ class ShardSampler(Sampler):
 
     def __len__(self) -> int:
         return len(self.idx)
-
-
-def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
-    return (seed * 1_000_003 + epoch * 1_009 + rank) % (2**63)
 
 
 def build_model(cfg: dict, num_classes: int) -> torch.nn.Module:
@@ -139,7 +133,7 @@ def train(cfg: dict, seed: int, run_dir: str | Path, inputs: RunInputs, *, devic
 
     # ---------------------------------------------------------------- resume
     ckpt_path = run_dir / "checkpoint.pt"
-    start_epoch, history = 0, []
+    start_epoch, history, time_before = 0, [], 0.0  # time_before: training time of earlier (killed) attempts
     if ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location=dev, weights_only=False)
         if ckpt["config_hash"] == chash and ckpt["seed"] == seed:
@@ -149,6 +143,7 @@ def train(cfg: dict, seed: int, run_dir: str | Path, inputs: RunInputs, *, devic
             if ema is not None:
                 ema.load_state_dict(ckpt["ema"])
             start_epoch, history = ckpt["epoch"], ckpt["history"]
+            time_before = ckpt.get("train_time_s", 0.0)
             log.info("resuming %s from epoch %d", run_dir, start_epoch)
         else:  # a different config left this: keep it aside rather than resume into the wrong run
             ckpt_path.rename(run_dir / f"checkpoint.{ckpt['config_hash']}.stale.pt")
@@ -160,18 +155,16 @@ def train(cfg: dict, seed: int, run_dir: str | Path, inputs: RunInputs, *, devic
                            enabled=tracking and env.is_main)
 
     # ---------------------------------------------------------------- epochs
-    t_start = time.time()
+    t_start, trained_s = time.time(), time_before
     end_epoch = cfg["epochs"] if stop_after_epochs is None else min(cfg["epochs"], stop_after_epochs)
     for epoch in range(start_epoch, end_epoch):
-        # augmentation in this process (workers=0; timm's RandAugment draws from `random` and numpy), drop-path
-        torch.manual_seed(epoch_seed(seed, epoch, env.rank))
-        random.seed(epoch_seed(seed, epoch, env.rank))
-        np.random.seed(epoch_seed(seed, epoch, env.rank) % 2**32)
+        torch.manual_seed(hash_seed(seed, epoch, env.rank))  # drop-path; augmentation is seeded per sample
+        train_ds.set_epoch(seed, epoch)
         sampler.set_epoch(epoch)
-        loader_gen = torch.Generator().manual_seed(epoch_seed(seed, epoch, env.rank))  # worker seeds
+        loader_gen = torch.Generator().manual_seed(hash_seed(seed, epoch, env.rank))  # worker seeds
         loader = DataLoader(train_ds, batch_size=cfg["batch_size"], sampler=sampler, num_workers=cfg["workers"],
                             generator=loader_gen, drop_last=True, pin_memory=dev.type == "cuda")
-        mix_gen = torch.Generator().manual_seed(epoch_seed(seed, epoch))  # same box on every rank
+        mix_gen = torch.Generator().manual_seed(hash_seed(seed, epoch))  # same mixing draw on every rank
         stats = train_one_epoch(net, model, loader, supervision, optimizer, scheduler, epoch, dev,
                                 generator=mix_gen, ema=ema,
                                 clip_grad=cfg.get("clip_grad"), last_checkpoint=str(ckpt_path) if epoch else "none",
@@ -183,12 +176,13 @@ def train(cfg: dict, seed: int, run_dir: str | Path, inputs: RunInputs, *, devic
                 stats.update({f"ema_val_{k}": v for k, v in evaluate(ema.module, val_loader, dev, modes).items()})
         stats["epoch"] = epoch + 1
         history.append(stats)
+        trained_s = time_before + time.time() - t_start
         tracker.log_metrics({k: v for k, v in stats.items() if k != "epoch"}, step=epoch + 1)
         if env.is_main:
             save_torch_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
                                "epoch": epoch + 1, "history": history, "config_hash": chash, "seed": seed,
-                               "config": cfg}, ckpt_path)
+                               "config": cfg, "train_time_s": trained_s}, ckpt_path)
         barrier()
         log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()})
 
@@ -199,7 +193,7 @@ def train(cfg: dict, seed: int, run_dir: str | Path, inputs: RunInputs, *, devic
         "top1": last.get(f"{prefix}top1"), "top5": last.get(f"{prefix}top5"),
         "top1_raw": last.get("val_top1"), "top1_ema": last.get("ema_val_top1"),
         "epochs": len(history), "complete": done, "seed": seed, "config_hash": chash,
-        "mlflow_run_id": tracker.run_id, "git_commit": run_tags["git_commit"], "train_time_s": round(time.time() - t_start, 1),
+        "mlflow_run_id": tracker.run_id, "git_commit": run_tags["git_commit"], "train_time_s": round(trained_s, 1),
         "images_per_s": last.get("images_per_s"), "lr_effective": lr, "global_batch": global_batch,
     }
     result["curves"] = {k: [h.get(k) for h in history] for k in ("epoch", "train_loss", "val_top1", "ema_val_top1", "lr")}

@@ -4,10 +4,12 @@ One code path for the embedded canvases and for ImageNet: `<root>/<split>/<class
 """
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
@@ -17,6 +19,11 @@ from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
 from tlvit.labels.geometry import compose, crop_flip_theta, identity_clips
 from tlvit.labels.score_maps import ScoreMapStore
+
+
+def hash_seed(*parts: int) -> int:
+    """A well-mixed 63-bit seed from integers (sequential seeds would give correlated streams)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
 
 
 class DatasetError(RuntimeError):
@@ -119,8 +126,24 @@ class DenseLabelDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def set_epoch(self, seed: int, epoch: int) -> None:
+        """Make sample i's augmentation a function of (seed, epoch, i) alone.
+
+        Then the data do not depend on the number of processes, loader workers or their order: a DDP
+        run sees exactly the samples a single process would, and a resumed run those it would have seen.
+        """
+        self.aug_seed = (seed, epoch)
+
+    def _seed_sample(self, i: int) -> None:
+        s = hash_seed(*self.aug_seed, i)
+        torch.manual_seed(s)
+        random.seed(s)
+        np.random.seed(s % 2**32)  # timm's RandAugment draws from numpy and `random`
+
     def __getitem__(self, i: int) -> dict:
         img = load_rgb(self.split_dir / self.paths[i])
+        if getattr(self, "aug_seed", None) is not None:
+            self._seed_sample(i)
         img, theta, clips = self.geometry(img)
         x = TF.normalize(TF.to_tensor(img), self.mean, self.std)
         if self.erasing is not None:

@@ -84,15 +84,17 @@ class LabelAwareRandAugment:
         clips = identity_clips(self.num_layers)
         ops = np.random.choice(self.ra.ops, self.ra.num_layers, replace=self.ra.choice_weights is None,
                                p=self.ra.choice_weights)
-        for op in ops:
-            if op.name not in GEOMETRIC:
-                img = op(img)
-                continue
+        for op in ops:  # timm's AugmentOp.__call__, step by step, so the geometric ops' arguments are known
             if op.prob < 1.0 and random.random() > op.prob:
                 continue
-            args = op.level_fn(_magnitude(op), op.hparams)
+            args = op.level_fn(_magnitude(op), op.hparams) if op.level_fn is not None else ()
+            if op.name.startswith("Posterize") and args[0] < 1:
+                # timm's increasing posterize reaches 0 bits at magnitude 10, which Pillow >= 10 rejects
+                args = (1,)
             size = img.size
             img = op.aug_fn(img, *args, **op.kwargs)
+            if op.name not in GEOMETRIC:
+                continue
             step = to_normalised(pixel_affine(op.name, args, size), size)
             # earlier clips now start from this op's output; this op's input becomes a clip of its own
             clips = torch.stack([compose(step, c) for c in clips[1:]] + [step])
