@@ -82,3 +82,17 @@ def test_every_table_row_is_defined_and_builds_under_every_preset():
             Supervision(sup["kind"], 10, model.token_grid, mix=aug["mix"], mix_token=aug["mix_token"], align=sup["align"],
                         align_layers=tuple(sup["align_layers"]), align_target=sup["align_target"])
             assert all(0 <= i < len(model.blocks) for i in sup["align_layers"]), (preset, row)
+
+
+def test_model_recipe_applies_unless_the_row_sets_the_key(tmp_path):
+    params = load_params(PARAMS)
+    rows = tmp_path / "rows.yaml"
+    rows.write_text("m:\n  overrides: {model: lvvit_m}\nm_dp:\n  overrides: {model: lvvit_m, drop_path: 0.05}\n"
+                    "d:\n  overrides: {model: deit_s}\n")
+    m = resolve_run_config(params, "m", preset="imagenet", rows_path=rows, params_path=PARAMS)
+    assert m["model"] == "lvvit_m" and m["drop_path"] == 0.2 and m["crop_pct"] == 1.0 and "model_recipes" not in m
+    assert resolve_run_config(params, "m_dp", preset="imagenet", rows_path=rows, params_path=PARAMS)["drop_path"] == 0.05
+    d = resolve_run_config(params, "d", preset="imagenet", rows_path=rows, params_path=PARAMS)
+    assert d["model"] == "tlvit_deit_small_patch16_224" and d["ema_decay"] is None
+    e = resolve_run_config(params, "d", preset="embedded", rows_path=rows, params_path=PARAMS)
+    assert e["model"] == "deit_e" and e["ema_decay"] == params["presets"]["embedded"]["train"]["ema_decay"]

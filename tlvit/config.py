@@ -88,10 +88,14 @@ def resolve_run_config(
         )
     cfg = copy.deepcopy(sections["train"])
     row = rows[row_id] or {}
-    for key, value in (row.get("overrides") or {}).items():
+    row_keys = {**(row.get("overrides") or {}), **((row.get("preset_overrides") or {}).get(preset_name) or {})}
+    for key, value in row_keys.items():
         set_dotted(cfg, key, value, where=f"{rows_path} row {row_id!r}")
-    for key, value in ((row.get("preset_overrides") or {}).get(preset_name) or {}).items():
-        set_dotted(cfg, key, value, where=f"{rows_path} row {row_id!r} (preset {preset_name})")
+    # the model's own recipe (e.g. LV-ViT-M: drop-path 0.2), unless the row sets that key itself
+    recipes = cfg.pop("model_recipes", None) or {}
+    for key, value in (recipes.get(cfg["model"]) or {}).items():
+        if key not in row_keys:
+            set_dotted(cfg, key, value, where=f"{params_path} presets.{preset_name}.train.model_recipes.{cfg['model']}")
     models = cfg.pop("models", None) or {}
     if cfg["model"] in models:  # a paper model name -> this preset's timm model (lvvit_s -> lvvit_e, ...)
         cfg["model"] = models[cfg["model"]]

@@ -42,6 +42,8 @@ def train_one_epoch(
     ema=None,
     clip_grad: float | None = None,
     amp_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    channels_last: bool = False,
     last_checkpoint: str = "none",
     show_progress: bool = True,
 ) -> dict:
@@ -52,6 +54,8 @@ def train_one_epoch(
     bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not show_progress)
     for step, batch in enumerate(bar):
         x = batch["image"].to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         cls_target, token_target = supervision.targets(batch, device)
         x, cls_target, token_target, box, aligner = supervision.mix_batch(
             x, batch["label"].to(device), cls_target, token_target, generator)
@@ -65,10 +69,18 @@ def train_one_epoch(
             raise NonFiniteLoss(f"loss is {loss.item()} at epoch {epoch + 1} step {step + 1}/{steps} "
                                 f"(sample ids {ids[:16]}{'...' if len(ids) > 16 else ''}); last good checkpoint: {last_checkpoint}")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if scaler is not None:  # fp16: scale the loss so small gradients survive; unscale before clipping
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
         if clip_grad:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-        optimizer.step()
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
         scheduler.step_update(epoch * steps + step + 1)
         if ema is not None:
             ema.update(model, step=epoch * steps + step + 1)
@@ -81,7 +93,8 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, device: torch.device, modes: tuple[str, ...] = ("cls",)) -> dict:
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device, modes: tuple[str, ...] = ("cls",),
+             amp_dtype: torch.dtype | None = None) -> dict:
     """Top-1/top-5 (%) per inference mode: 'cls' (class token) and/or 'cls_plus_aux' (cls + 0.5 max aux).
 
     The first mode gives the unsuffixed `top1`/`top5`; counts are summed over processes.
@@ -91,7 +104,8 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, modes: tu
     total = torch.zeros((), dtype=torch.float64)
     for batch in loader:
         x, y = batch["image"].to(device), batch["label"].to(device)
-        out = model.forward_train(x)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            out = model.forward_train(x)
         for j, m in enumerate(modes):
             logits = out.cls_logits if m == "cls" else out.cls_logits + 0.5 * out.token_logits.max(1)[0]
             top5 = logits.topk(min(5, logits.shape[1]), 1).indices

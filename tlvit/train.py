@@ -109,6 +109,13 @@ def train(cfg: dict, seed: int, run_dir: str | Path, inputs: RunInputs, *, devic
     # ---------------------------------------------------------------- model, supervision, optimizer
     torch.manual_seed(seed)  # identical initial weights on every rank
     model = build_model(cfg, num_classes).to(dev)
+    # AMP and channels-last only where they pay: on a GPU (the CPU keeps float32, so CPU runs stay exact)
+    on_gpu = dev.type == "cuda"
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[cfg.get("amp") if on_gpu else None]
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    channels_last = bool(cfg.get("channels_last")) and on_gpu
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     aug = cfg["augment"]
     supervision = Supervision(sup_cfg["kind"], num_classes, tuple(model.token_grid), cfg["label_smoothing"],
                               sup_cfg["token_weight"], sup_cfg["cls_target"], sup_cfg["absent_classes"],
@@ -142,6 +149,8 @@ def train(cfg: dict, seed: int, run_dir: str | Path, inputs: RunInputs, *, devic
             scheduler.load_state_dict(ckpt["scheduler"])
             if ema is not None:
                 ema.load_state_dict(ckpt["ema"])
+            if scaler is not None and ckpt.get("scaler"):
+                scaler.load_state_dict(ckpt["scaler"])
             start_epoch, history = ckpt["epoch"], ckpt["history"]
             time_before = ckpt.get("train_time_s", 0.0)
             log.info("resuming %s from epoch %d", run_dir, start_epoch)
@@ -166,14 +175,15 @@ def train(cfg: dict, seed: int, run_dir: str | Path, inputs: RunInputs, *, devic
                             generator=loader_gen, drop_last=True, pin_memory=dev.type == "cuda")
         mix_gen = torch.Generator().manual_seed(hash_seed(seed, epoch))  # same mixing draw on every rank
         stats = train_one_epoch(net, model, loader, supervision, optimizer, scheduler, epoch, dev,
-                                generator=mix_gen, ema=ema,
+                                generator=mix_gen, ema=ema, amp_dtype=amp_dtype, scaler=scaler,
+                                channels_last=channels_last,
                                 clip_grad=cfg.get("clip_grad"), last_checkpoint=str(ckpt_path) if epoch else "none",
                                 show_progress=show_progress and env.is_main)
         if (epoch + 1) % cfg.get("eval_every", 1) == 0 or epoch + 1 == cfg["epochs"]:
             val_loader = DataLoader(val_ds, batch_size=256, sampler=ShardSampler(len(val_ds), env), num_workers=cfg["workers"])
-            stats.update({f"val_{k}": v for k, v in evaluate(model, val_loader, dev, modes).items()})
+            stats.update({f"val_{k}": v for k, v in evaluate(model, val_loader, dev, modes, amp_dtype).items()})
             if ema is not None:
-                stats.update({f"ema_val_{k}": v for k, v in evaluate(ema.module, val_loader, dev, modes).items()})
+                stats.update({f"ema_val_{k}": v for k, v in evaluate(ema.module, val_loader, dev, modes, amp_dtype).items()})
         stats["epoch"] = epoch + 1
         history.append(stats)
         trained_s = time_before + time.time() - t_start
@@ -181,6 +191,7 @@ def train(cfg: dict, seed: int, run_dir: str | Path, inputs: RunInputs, *, devic
         if env.is_main:
             save_torch_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
+                               "scaler": scaler.state_dict() if scaler else None,
                                "epoch": epoch + 1, "history": history, "config_hash": chash, "seed": seed,
                                "config": cfg, "train_time_s": trained_s}, ckpt_path)
         barrier()

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -128,10 +129,13 @@ def image_accuracy(model: nn.Module, ds: DenseLabelDataset, batch_size: int = 25
 
 @torch.no_grad()
 def generate_score_maps(model: nn.Module, ds: DenseLabelDataset, out: str | Path, *, k: int, batch_size: int,
-                        meta: dict, device: str | torch.device = "cpu", chunk: int = 512) -> ScoreMapStore:
+                        meta: dict, device: str | torch.device = "cpu", chunk: int = 512, shard: int = 0,
+                        num_shards: int = 1) -> ScoreMapStore | None:
     """Run the annotator densely over every image of `ds` (whole image, resized) and store top-k.
 
     Resumable: chunks already on disk (from a killed run with the same settings) are not recomputed.
+    Shardable: process `shard` of `num_shards` computes chunks c with c % num_shards == shard; the
+    store appears when the last shard finishes (the others return None).
     `ds` must use `EvalGeometry(crop_pct=1)` so the map covers exactly the whole image.
     """
     assert isinstance(ds.geometry, EvalGeometry) and ds.geometry.crop_pct == 1.0, "score maps must cover whole images"
@@ -140,7 +144,7 @@ def generate_score_maps(model: nn.Module, ds: DenseLabelDataset, out: str | Path
     num_classes, grid = probe.shape[1], tuple(probe.shape[2:])
     k = min(k, num_classes)
     writer = ScoreMapWriter(out, num_images=len(ds), k=k, grid=grid, num_classes=num_classes, meta=meta, chunk=chunk)
-    pending = writer.pending_chunks()
+    pending = writer.pending_chunks(shard, num_shards)
     bar = tqdm(total=sum(len(writer.chunk_range(c)) for c in pending), desc="score maps", unit="img")
     for c in pending:
         idx = list(writer.chunk_range(c))
@@ -154,11 +158,11 @@ def generate_score_maps(model: nn.Module, ds: DenseLabelDataset, out: str | Path
             bar.update(len(logits))
         writer.write_chunk(c, np.concatenate(vals), np.concatenate(ids))
     bar.close()
+    if any(not writer.is_done(c) for c in range(writer.num_chunks)):
+        return None  # other shards are still writing; the last one to finish publishes the store
     sizes = []
     for p in ds.paths:
-        from PIL import Image
-
-        with Image.open(ds.split_dir / p) as img:
+        with Image.open(ds.split_dir / p) as img:  # header only: cheap
             sizes.append(img.size)
     return writer.finish(ds.paths, sizes)
 

@@ -19,6 +19,8 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default=None, help="default: cuda when available")
     p.add_argument("--out", required=True, type=Path, help="store directory (created)")
+    p.add_argument("--shard", default="0/1", help="i/n: this process computes every n-th chunk from i "
+                   "(run n processes, e.g. a Slurm array with --shard $SLURM_ARRAY_TASK_ID/n; the last one publishes)")
     p.set_defaults(func=run)
 
 
@@ -37,7 +39,12 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     meta = {"annotator": args.annotator, "checkpoint_sha256": file_sha256(args.checkpoint) if args.checkpoint else "timm-pretrained",
             "input_size": size}
-    store = generate_score_maps(model, ds, args.out, k=args.topk, batch_size=args.batch_size, meta=meta, device=device)
+    shard, num_shards = (int(v) for v in args.shard.split("/"))
+    store = generate_score_maps(model, ds, args.out, k=args.topk, batch_size=args.batch_size, meta=meta, device=device,
+                                shard=shard, num_shards=num_shards)
+    if store is None:
+        print(f"{args.out}: shard {shard}/{num_shards} done; waiting for the other shards to finish the store")
+        return 0
     print(f"{args.out}: {len(store)} images, grid {store.grid}, top-{store.index['k']}, "
           f"{store.bytes_per_image():.0f} bytes/image")
     return 0

@@ -7,11 +7,13 @@ Layout of a store directory (one per split):
   classes.npy   uint8/int16 [N, k, h, w]  their class ids (smallest type that holds num_classes)
 
 Written resumably: `ScoreMapWriter` fills preallocated arrays in `<dir>.partial/` chunk by chunk and
-records finished chunks; a killed run continues where it stopped, and the directory only appears
-under its final name when every image is done.
+marks finished chunks; a killed run continues where it stopped, several shards can fill one store,
+and the directory only appears under its final name when every image is done.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -90,7 +92,12 @@ class ScoreMapStore:
 
 
 class ScoreMapWriter:
-    """Resumable, chunked writer of a store (see module docstring)."""
+    """Resumable, shardable, chunked writer of a store (see module docstring).
+
+    Chunk c is done when `<dir>.partial/done/<c>` exists (created atomically after its data is flushed),
+    so several processes (`shard=i, num_shards=n`: GPUs, Slurm array tasks) can fill one store: each
+    takes the chunks c with c % n == i. Creating the arrays happens once, under a file lock.
+    """
 
     def __init__(self, root: str | Path, *, num_images: int, k: int, grid: tuple[int, int], num_classes: int,
                  meta: dict, chunk: int = 256):
@@ -99,23 +106,29 @@ class ScoreMapWriter:
         self.chunk = chunk
         self.num_chunks = (num_images + chunk - 1) // chunk
         shape = (num_images, k, *grid)
-        meta = {**meta, "num_classes": num_classes, "k": k, "grid": list(grid), "num_images": num_images}
-        meta_path = self.partial / "meta.json"
-        if self.partial.exists() and (not meta_path.is_file() or json.loads(meta_path.read_text()) != json.loads(json.dumps(meta))):
-            shutil.rmtree(self.partial)  # left by a run with other settings: nothing in it is reusable
-        fresh = not self.partial.exists()
-        self.partial.mkdir(parents=True, exist_ok=True)
-        mode = "w+" if fresh else "r+"
-        self.logits = np.lib.format.open_memmap(self.partial / "logits.npy", mode=mode, dtype=np.float16, shape=shape)
-        self.classes = np.lib.format.open_memmap(self.partial / "classes.npy", mode=mode, dtype=class_dtype(num_classes), shape=shape)
-        self.done_path = self.partial / "done.npy"
-        self.done = np.load(self.done_path) if not fresh and self.done_path.is_file() else np.zeros(self.num_chunks, bool)
-        if fresh:
-            meta_path.write_text(json.dumps(meta))
-        self.meta = meta
+        self.meta = {**meta, "num_classes": num_classes, "k": k, "grid": list(grid), "num_images": num_images, "chunk": chunk}
+        self.partial.parent.mkdir(parents=True, exist_ok=True)
+        with _locked(self.partial.with_name(self.partial.name + ".lock")):
+            meta_path = self.partial / "meta.json"
+            if self.partial.exists() and (not meta_path.is_file() or json.loads(meta_path.read_text()) != json.loads(json.dumps(self.meta))):
+                shutil.rmtree(self.partial)  # left by a run with other settings: nothing in it is reusable
+            if not self.partial.exists():
+                tmp = self.partial.with_name(self.partial.name + ".init")
+                shutil.rmtree(tmp, ignore_errors=True)
+                (tmp / "done").mkdir(parents=True)
+                np.lib.format.open_memmap(tmp / "logits.npy", mode="w+", dtype=np.float16, shape=shape).flush()
+                np.lib.format.open_memmap(tmp / "classes.npy", mode="w+", dtype=class_dtype(num_classes), shape=shape).flush()
+                (tmp / "meta.json").write_text(json.dumps(self.meta))
+                os.replace(tmp, self.partial)
+        self.logits = np.load(self.partial / "logits.npy", mmap_mode="r+")
+        self.classes = np.load(self.partial / "classes.npy", mmap_mode="r+")
 
-    def pending_chunks(self) -> list[int]:
-        return [c for c in range(self.num_chunks) if not self.done[c]]
+    def is_done(self, c: int) -> bool:
+        return (self.partial / "done" / str(c)).exists()
+
+    def pending_chunks(self, shard: int = 0, num_shards: int = 1) -> list[int]:
+        """Chunks not written yet; with shards, only this shard's share (c % num_shards == shard)."""
+        return [c for c in range(shard, self.num_chunks, num_shards) if not self.is_done(c)]
 
     def chunk_range(self, c: int) -> range:
         return range(c * self.chunk, min((c + 1) * self.chunk, self.logits.shape[0]))
@@ -127,24 +140,39 @@ class ScoreMapWriter:
         self.classes[r.start : r.stop] = classes
         self.logits.flush()
         self.classes.flush()
-        self.done[c] = True
-        tmp = self.done_path.with_suffix(".tmp.npy")
-        np.save(tmp, self.done)
-        os.replace(tmp, self.done_path)
+        (self.partial / "done" / str(c)).touch()
 
-    def finish(self, paths: Sequence[str], sizes: Sequence[tuple[int, int]]) -> ScoreMapStore:
-        """Write the index and move the store to its final name."""
-        if not self.done.all():
-            raise ScoreMapError(f"{self.partial}: {int((~self.done).sum())} chunks not written yet")
-        del self.logits, self.classes
-        index = {**self.meta, "paths": list(paths), "sizes": [list(s) for s in sizes]}
-        (self.partial / INDEX).write_text(json.dumps(index))
-        for name in ("meta.json", "done.npy"):
-            (self.partial / name).unlink(missing_ok=True)
-        if self.root.exists():
-            shutil.rmtree(self.root)
-        os.replace(self.partial, self.root)
-        return ScoreMapStore(self.root)
+    def finish(self, paths: Sequence[str], sizes: Sequence[tuple[int, int]]) -> ScoreMapStore | None:
+        """Write the index and move the store to its final name once every chunk is done.
+
+        Returns None while other shards still have chunks to write (the last shard to finish moves it).
+        """
+        with _locked(self.partial.with_name(self.partial.name + ".lock")):
+            if self.root.is_dir() and not self.partial.exists():
+                return ScoreMapStore(self.root)  # another shard finished it
+            missing = [c for c in range(self.num_chunks) if not self.is_done(c)]
+            if missing:
+                return None
+            del self.logits, self.classes
+            index = {**self.meta, "paths": list(paths), "sizes": [list(s) for s in sizes]}
+            (self.partial / INDEX).write_text(json.dumps(index))
+            (self.partial / "meta.json").unlink(missing_ok=True)
+            shutil.rmtree(self.partial / "done")
+            if self.root.exists():
+                shutil.rmtree(self.root)
+            os.replace(self.partial, self.root)
+            return ScoreMapStore(self.root)
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive advisory lock (fcntl) on `path` while the block runs."""
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def topk_to_dense(logits: torch.Tensor, classes: torch.Tensor, num_classes: int, absent: str = "zero_prob") -> torch.Tensor:

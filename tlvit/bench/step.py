@@ -1,0 +1,248 @@
+"""Item 1: training-step cost of each supervision relative to its baseline (same model, same batch).
+
+A step is what `tlvit.engine.train_one_epoch` does per batch: targets built on the device (score-map
+scatter + resampling), mixing, `forward_train`, loss, backward, AdamW, scheduler and EMA. It is
+timed by calling `train_one_epoch` itself on batches held in memory, with the model, supervision,
+optimizer, scheduler and EMA built from the row's resolved config as `tlvit.train.train` builds
+them, so a speed regression in the engine, the supervision, the mixing or the model shows up here.
+The data loader is left out (`tlvit bench data` measures it); batches are synthetic, with the
+shapes and dtypes the loader produces (random-resized-crop thetas, fp16 top-k score maps).
+
+Targets (LV-ViT claims token labeling is nearly free; TL-Align reports 322 -> 311 img/s, 1.035x):
+token labeling <= 1.05x the class-token baseline step; TL-Align <= 1.01x the CutMix step.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.transforms import RandomResizedCrop
+
+from tlvit.bench.common import SOURCE_ROOT, Bench, Stopwatch, Target, interleave, markdown_table, paired_ratios, summary
+from tlvit.labels.geometry import crop_flip_theta, identity_clips
+from tlvit.labels.score_maps import class_dtype
+
+# Output stride of each annotator's score map: the map covers the annotator's whole input.
+ANNOTATOR_STRIDE = {"annotator_cnn": 4, "dm_nfnet_f6": 32}  # 64 px -> 16x16; 576 px -> 18x18 (LV-ViT Sec. 4.2)
+NUM_CLASSES = {"canvases": 10, "imagefolder": 1000}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A training row (experiments/rows.yaml) with optional extra overrides, timed against `reference`."""
+
+    key: str
+    label: str
+    row: str
+    overrides: tuple[tuple[str, object], ...] = ()
+    reference: str | None = None  # key of the variant this one is divided by
+    target: float | None = None  # step-time ratio to the reference must be <= this
+
+
+VARIANTS = (
+    Variant("lvvit_ce", "LV-ViT, class-token CE (baseline)", "lvvit_s_baseline"),
+    Variant("lvvit_tl", "LV-ViT, token labeling", "lvvit_s_token_labeling", (("augment.mix_token", False),),
+            "lvvit_ce", 1.05),
+    Variant("lvvit_tl_mixtoken", "LV-ViT, token labeling + MixToken (the paper's recipe)", "lvvit_s_token_labeling",
+            (), "lvvit_ce", 1.05),
+    Variant("lvvit_mixtoken", "LV-ViT, CE + MixToken", "lvvit_s_baseline", (("augment.mix_token", True),), "lvvit_ce"),
+    Variant("lvvit_relabel", "LV-ViT, ReLabel", "lvvit_s_relabel_mixtoken", (("augment.mix_token", False),), "lvvit_ce"),
+    Variant("deit_ce", "DeiT, class-token CE (baseline)", "deit_s_vanilla"),
+    Variant("deit_cutmix", "DeiT, CutMix", "deit_s_cutmix", (), "deit_ce"),
+    Variant("deit_tlalign", "DeiT, TL-Align (patch CutMix)", "deit_s_tlalign", (), "deit_cutmix", 1.01),
+    Variant("deit_transmix", "DeiT, TransMix (CutMix)", "deit_s_transmix", (), "deit_cutmix"),
+)
+
+
+def default_paths() -> tuple[Path, Path]:
+    """params.yaml and experiments/rows.yaml of the working directory, else of the source checkout."""
+    here = Path("params.yaml"), Path("experiments/rows.yaml")
+    return here if all(p.is_file() for p in here) else (SOURCE_ROOT / "params.yaml", SOURCE_ROOT / "experiments/rows.yaml")
+
+
+def variant_config(variant: Variant, preset: str, params_path: Path, rows_path: Path) -> dict:
+    """The row's resolved training config under `preset`, plus the variant's overrides."""
+    from tlvit.config import load_params, resolve_run_config, set_dotted
+
+    cfg = resolve_run_config(load_params(params_path), variant.row, preset=preset, rows_path=rows_path,
+                             params_path=params_path)
+    for key, value in variant.overrides:
+        set_dotted(cfg, key, value, where=f"bench variant {variant.key}")
+    return cfg
+
+
+def sync_fn(device: torch.device):
+    return torch.cuda.synchronize if device.type == "cuda" else None
+
+
+def amp_dtype_for(cfg: dict, device: torch.device) -> torch.dtype | None:
+    """The config's AMP dtype on a GPU; float32 on the CPU (as tlvit.train.train does)."""
+    if device.type != "cuda":
+        return None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[cfg.get("amp", "bf16")]
+
+
+class StepRunner:
+    """A row's model, supervision, optimizer, scheduler and EMA, built as `tlvit.train.train` builds them."""
+
+    def __init__(self, cfg: dict, num_classes: int, batch_size: int, device: torch.device, *,
+                 channels_last: bool | None = None, seed: int = 0):
+        from timm.optim import create_optimizer_v2
+        from timm.scheduler import create_scheduler_v2
+        from timm.utils import ModelEmaV3
+
+        from tlvit.engine import TrainForward
+        from tlvit.supervision import Supervision
+        from tlvit.train import build_model, lr_for
+
+        self.cfg, self.device = cfg, device
+        torch.manual_seed(seed)
+        model = build_model(cfg, num_classes).to(device)
+        self.amp_dtype = amp_dtype_for(cfg, device)
+        if channels_last is None:
+            channels_last = bool(cfg.get("channels_last")) and device.type == "cuda"
+        self.channels_last = channels_last
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        sup, aug = cfg["supervision"], cfg["augment"]
+        self.supervision = Supervision(sup["kind"], num_classes, tuple(model.token_grid), cfg["label_smoothing"],
+                                       sup["token_weight"], sup["cls_target"], sup["absent_classes"],
+                                       mix=aug["mix"], mix_alpha=aug["mix_alpha"], mix_token=aug["mix_token"],
+                                       align=sup["align"], align_layers=tuple(sup["align_layers"]),
+                                       align_target=sup["align_target"])
+        self.model, self.net = model, TrainForward(model)
+        self.optimizer = create_optimizer_v2(model, "adamw", lr=lr_for(cfg, batch_size), weight_decay=cfg["weight_decay"])
+        self.scheduler, _ = create_scheduler_v2(self.optimizer, "cosine", num_epochs=cfg["epochs"],
+                                                warmup_epochs=cfg["warmup_epochs"], warmup_lr=cfg["warmup_lr"],
+                                                min_lr=cfg["min_lr"], step_on_epochs=False, updates_per_epoch=1000)
+        self.ema = ModelEmaV3(model, decay=cfg["ema_decay"]) if cfg.get("ema_decay") else None
+        self.generator = torch.Generator().manual_seed(seed)
+        self.engine_kwargs = self._engine_kwargs()
+
+    def _engine_kwargs(self) -> dict:
+        """amp_dtype, and where this engine takes them, the fp16 GradScaler and channels_last."""
+        from tlvit.engine import train_one_epoch
+
+        accepted = inspect.signature(train_one_epoch).parameters
+        kwargs: dict = {"amp_dtype": self.amp_dtype}
+        if "scaler" in accepted and self.amp_dtype == torch.float16:
+            kwargs["scaler"] = torch.amp.GradScaler("cuda")
+        if "channels_last" in accepted:
+            kwargs["channels_last"] = self.channels_last
+        return kwargs
+
+    def step_seconds(self, batches: list[dict]) -> float:
+        """Run `train_one_epoch` over `batches`; wall seconds per step."""
+        from tlvit.engine import train_one_epoch
+
+        with Stopwatch(sync_fn(self.device)) as sw:
+            train_one_epoch(self.net, self.model, batches, self.supervision, self.optimizer, self.scheduler, 0,
+                            self.device, generator=self.generator, ema=self.ema, clip_grad=self.cfg.get("clip_grad"),
+                            show_progress=False, **self.engine_kwargs)
+        return sw.seconds / len(batches)
+
+
+def synthetic_batches(n: int, batch_size: int, img_size: int, num_classes: int, map_grid: tuple[int, int], k: int, *,
+                      crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), hflip: float = 0.5, seed: int = 0,
+                      pin_memory: bool = False) -> list[dict]:
+    """`n` collated batches as `DenseLabelDataset` + DataLoader produce them (CPU tensors, same dtypes).
+
+    theta: a random resized crop (and flip) of a source image twice the crop size; topk: fp16 logits
+    and k distinct class ids per score-map location, in the store's class dtype.
+    """
+    g = torch.Generator().manual_seed(seed)
+    torch_cls = {np.dtype(np.uint8): torch.uint8, np.dtype(np.int16): torch.int16, np.dtype(np.int32): torch.int32}
+    cls_dtype = torch_cls[class_dtype(num_classes)]
+    src = torch.empty(1, 2 * img_size, 2 * img_size)
+    batches = []
+    for b in range(n):
+        torch.manual_seed(seed + b)  # RandomResizedCrop.get_params draws from the global generator
+        thetas = []
+        for _ in range(batch_size):
+            box = RandomResizedCrop.get_params(src, list(crop_scale), list(crop_ratio))
+            thetas.append(crop_flip_theta(box, src.shape[1:], bool(torch.rand(()) < hflip)))
+        h, w = map_grid
+        classes = torch.rand(batch_size, num_classes, h, w, generator=g).topk(k, dim=1).indices
+        batch = {
+            "image": torch.randn(batch_size, 3, img_size, img_size, generator=g),
+            "label": torch.randint(num_classes, (batch_size,), generator=g),
+            "index": torch.arange(b * batch_size, (b + 1) * batch_size),
+            "theta": torch.stack(thetas).float(),
+            "clips": identity_clips(1).float().expand(batch_size, 1, 2, 3).contiguous(),
+            "topk_logits": (torch.randn(batch_size, k, h, w, generator=g) * 3).sort(1, descending=True).values.half(),
+            "topk_classes": classes.to(cls_dtype),
+        }
+        batches.append({key: v.pin_memory() if pin_memory and v.is_floating_point() else v for key, v in batch.items()})
+    return batches
+
+
+def map_grid_for(preset_sections: dict) -> tuple[tuple[int, int], int]:
+    """(score-map grid, top-k) the preset's annotator and scoremaps stage produce."""
+    ann = preset_sections["annotator"]
+    side = ann["input_size"] // ANNOTATOR_STRIDE.get(ann["model"], 16)
+    return (side, side), int(preset_sections["scoremaps"]["topk"])
+
+
+def run(out_dir: str | Path, *, quick: bool = False, preset: str | None = None, device: str | None = None,
+        batch_size: int | None = None, rounds: int | None = None, steps: int | None = None, warmup: int | None = None,
+        variants: tuple[Variant, ...] = VARIANTS, name: str = "step", paths: tuple[Path, Path] | None = None) -> dict:
+    """Time every variant's step in interleaved rounds; ratios to the references are medians over rounds."""
+    from tlvit.config import load_params, preset_section
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    preset = preset or ("imagenet" if dev.type == "cuda" else "embedded")
+    params_path, rows_path = paths or default_paths()
+    sections = preset_section(load_params(params_path), preset, params_path)
+    cfgs = {v.key: variant_config(v, preset, params_path, rows_path) for v in variants}
+    base = next(iter(cfgs.values()))
+    num_classes = NUM_CLASSES[sections["data"]["kind"]]
+    if batch_size is None:  # the preset's per-process batch; a GPU benchmark uses one GPU's share of ImageNet's 1024
+        batch_size = 16 if quick else (128 if dev.type == "cuda" else base["batch_size"])
+    rounds = rounds or (2 if quick else (10 if dev.type == "cuda" else 15))
+    steps = steps or (1 if quick else (5 if dev.type == "cuda" else 2))
+    warmup = (1 if quick else 2) if warmup is None else warmup
+    grid, k = map_grid_for(sections)
+    bench = Bench(name, out_dir, quick=quick, device=str(dev))
+
+    batches = synthetic_batches(steps, batch_size, base["img_size"], num_classes, grid, k,
+                                crop_scale=tuple(base["crop_scale"]), crop_ratio=tuple(base["crop_ratio"]),
+                                hflip=base["hflip"], pin_memory=dev.type == "cuda")
+    runners = {v.key: StepRunner(cfgs[v.key], num_classes, batch_size, dev) for v in variants}
+    samples = interleave({key: (lambda r=r: r.step_seconds(batches)) for key, r in runners.items()}, rounds, warmup)
+    bench.sample_load()
+
+    results, rows, targets = {}, [], []
+    for v in variants:
+        s = samples[v.key]
+        entry = {"label": v.label, "row": v.row, "overrides": dict(v.overrides), "model": cfgs[v.key]["model"],
+                 "step_s": summary(s, 5), "images_per_s": round(batch_size / summary(s)["median"], 1),
+                 "reference": v.reference}
+        ratio = None
+        if v.reference:
+            r = summary(paired_ratios(s, samples[v.reference]))
+            entry["ratio_to_reference"] = r
+            ratio = r["median"]
+            if v.target is not None:
+                targets.append(Target(f"step: {v.label} / {label_of(variants, v.reference)}", ratio, "<=", v.target))
+        results[v.key] = entry
+        rows.append((v.label, entry["model"], f"{entry['step_s']['median'] * 1000:.1f}", f"{entry['images_per_s']:.0f}",
+                     f"{ratio:.3f} [{r['q25']:.3f}–{r['q75']:.3f}]" if ratio is not None else "1 (reference)",
+                     label_of(variants, v.reference) if v.reference else "",
+                     f"≤ {v.target}" if v.target is not None else ""))
+    table = markdown_table(("variant", "model", "ms/step", "img/s", "ratio (median [q25–q75])", "relative to", "target"),
+                           rows)
+    one = runners[variants[0].key]
+    settings = {"preset": preset, "device": str(dev), "batch_size": batch_size, "rounds": rounds, "steps_per_call": steps,
+                "warmup_rounds": warmup, "num_classes": num_classes, "img_size": base["img_size"], "score_map_grid": list(grid),
+                "topk": k, "amp_dtype": str(one.amp_dtype).replace("torch.", "") if one.amp_dtype else None,
+                "channels_last": one.channels_last, "ema": {v.key: bool(cfgs[v.key].get("ema_decay")) for v in variants},
+                "timed": "tlvit.engine.train_one_epoch on in-memory batches (loader excluded)"}
+    return bench.finish(settings=settings, results=results, targets=targets, tables=[table])
+
+
+def label_of(variants: tuple[Variant, ...], key: str) -> str:
+    """The label of the variant with `key`."""
+    return next(v.label for v in variants if v.key == key)
