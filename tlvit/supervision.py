@@ -24,6 +24,11 @@ from tlvit.tl_align import LabelAligner, initial_labels
 KINDS = ("ce", "relabel", "token_labeling")
 
 
+def needs_score_maps(kind: str, cls_target: str = "label") -> bool:
+    """Whether a supervision reads the annotator's score maps."""
+    return kind != "ce" or cls_target == "annotator"
+
+
 @dataclass
 class Supervision:
     kind: str
@@ -51,7 +56,7 @@ class Supervision:
 
     @property
     def needs_score_maps(self) -> bool:
-        return self.kind != "ce" or self.cls_target == "annotator"
+        return needs_score_maps(self.kind, self.cls_target)
 
     @property
     def dense(self) -> bool:

@@ -23,7 +23,7 @@ from tlvit.distributed import DistEnv, barrier, init_distributed
 from tlvit.engine import TrainForward, evaluate, train_one_epoch
 from tlvit.io import save_torch_atomic, write_json
 from tlvit.provenance import cluster_tags, git_commit, versions
-from tlvit.supervision import Supervision
+from tlvit.supervision import Supervision, needs_score_maps
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +98,9 @@ def train(cfg: dict, seed: int, run_dir: str | Path, inputs: RunInputs, *, devic
     geometry = TrainGeometry(cfg["img_size"], tuple(cfg["crop_scale"]), tuple(cfg["crop_ratio"]), cfg["hflip"],
                              rand_augment=rand_augment)
     erasing = RandomErasing(cfg["reprob"], mode="pixel", device="cpu") if cfg.get("reprob") else None
-    probe_sup = Supervision(sup_cfg["kind"], 1, (1, 1), cls_target=sup_cfg["cls_target"])  # validates kind early
-    store = inputs.score_maps if probe_sup.needs_score_maps else None
-    if probe_sup.needs_score_maps and store is None:
+    uses_maps = needs_score_maps(sup_cfg["kind"], sup_cfg["cls_target"])
+    store = inputs.score_maps if uses_maps else None
+    if uses_maps and store is None:
         raise ValueError(f"row {cfg.get('row')!r}: supervision {sup_cfg['kind']!r} needs score maps; none given")
     train_ds = DenseLabelDataset(inputs.data_root, "train", geometry, mean, std, score_maps=store, erasing=erasing)
     val_ds = DenseLabelDataset(inputs.data_root, "val", EvalGeometry(cfg["img_size"], cfg.get("crop_pct", 1.0)), mean, std)

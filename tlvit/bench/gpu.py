@@ -1,0 +1,148 @@
+"""Item 5 (GPU): harness training throughput vs a minimal plain PyTorch loop, model FLOP utilisation.
+
+For LV-ViT-S and DeiT-S (the imagenet preset's class-token baselines, bf16 autocast, channels-last
+as the preset sets them) the harness step (`tlvit.engine.train_one_epoch`, see `tlvit.bench.step`)
+and a minimal loop on the same timm model, batch and optimizer are timed in interleaved rounds:
+
+    x, y = batch["image"].to(dev), batch["label"].to(dev)
+    with autocast(bf16): loss = cross_entropy(model(x), y, label_smoothing)
+    zero_grad(); loss.backward(); AdamW.step()
+
+Target: harness images/s >= 0.95x the plain loop's. Then item 1's ratios are measured on the GPU at
+full size (`tlvit.bench.step` with the imagenet preset, written as step_gpu.json).
+FLOPs of one forward + backward come from `torch.utils.flop_counter.FlopCounterMode` (matmuls,
+convolutions, attention); MFU = those FLOPs x steps/s / the GPU's dense bf16 peak.
+Without a GPU the benchmark reports "no GPU: skipped" (device="cpu" runs it on the CPU, for tests).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from tlvit.bench import step as step_bench
+from tlvit.bench.common import Bench, Stopwatch, Target, interleave, markdown_table, paired_ratios, summary
+
+TARGET = 0.95
+MODELS = (("lvvit_s", "lvvit_s_baseline"), ("deit_s", "deit_s_vanilla"))  # (name, class-token baseline row)
+
+# Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, from the vendors' data sheets; matched by substring.
+PEAK_BF16 = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("GH200", 989e12),
+             ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12),
+             ("A10G", 70e12), ("A10", 125e12), ("L4", 121e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12))
+
+
+def peak_flops(device_name: str) -> float | None:
+    for key, peak in PEAK_BF16:
+        if key in device_name:
+            return peak
+    return None
+
+
+class PlainLoop:
+    """The minimal PyTorch loop on the same model (built as the harness builds it), batch and AdamW."""
+
+    def __init__(self, cfg: dict, num_classes: int, batch_size: int, device: torch.device, *, amp_dtype, channels_last: bool,
+                 seed: int = 0):
+        from tlvit.train import build_model, lr_for
+
+        torch.manual_seed(seed)
+        self.model = build_model(cfg, num_classes).to(device)
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr_for(cfg, batch_size), weight_decay=cfg["weight_decay"])
+        self.device, self.amp_dtype, self.channels_last = device, amp_dtype, channels_last
+        self.smoothing = cfg["label_smoothing"]
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        x = batch["image"].to(self.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = batch["label"].to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            return F.cross_entropy(self.model(x), y, label_smoothing=self.smoothing)
+
+    def step_seconds(self, batches: list[dict]) -> float:
+        self.model.train()
+        with Stopwatch(step_bench.sync_fn(self.device)) as sw:
+            for batch in batches:
+                loss = self.loss(batch)
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                self.opt.step()
+        return sw.seconds / len(batches)
+
+    def flops_per_step(self, batch: dict) -> int:
+        """FLOPs of one forward + backward (the optimizer's elementwise work is not counted)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            self.loss(batch).backward()
+        self.opt.zero_grad(set_to_none=True)
+        return int(counter.get_total_flops())
+
+
+def run(out_dir: str | Path, *, quick: bool = False, device: str | None = None, preset: str | None = None,
+        batch_size: int | None = None, rounds: int | None = None, steps: int | None = None, with_step: bool = True,
+        peak_tflops: float | None = None, paths: tuple[Path, Path] | None = None) -> dict:
+    """Harness vs plain loop per model (and item 1 on the GPU); skipped when there is no GPU."""
+    from tlvit.config import load_params, preset_section
+
+    if device is None and not torch.cuda.is_available():
+        bench = Bench("gpu", out_dir, quick=quick)
+        return bench.finish(settings={}, results={"reason": "no GPU"}, status="skipped", notes=["no GPU: skipped"])
+    dev = torch.device(device or "cuda")
+    preset = preset or ("imagenet" if dev.type == "cuda" else "smoke")
+    params_path, rows_path = paths or step_bench.default_paths()
+    sections = preset_section(load_params(params_path), preset, params_path)
+    num_classes = step_bench.NUM_CLASSES[sections["data"]["kind"]]
+    batch_size = batch_size or (16 if quick else 128)
+    rounds = rounds or (2 if quick else 10)
+    steps = steps or (1 if quick else 10)
+    bench = Bench("gpu", out_dir, quick=quick, device=str(dev))
+    peak = peak_tflops * 1e12 if peak_tflops else (peak_flops(torch.cuda.get_device_name(dev)) if dev.type == "cuda" else None)
+
+    results, rows, targets = {}, [], []
+    for name, row in MODELS:
+        cfg = step_bench.variant_config(step_bench.Variant(name, name, row), preset, params_path, rows_path)
+        harness = step_bench.StepRunner(cfg, num_classes, batch_size, dev)
+        plain = PlainLoop(cfg, num_classes, batch_size, dev, amp_dtype=harness.amp_dtype, channels_last=harness.channels_last)
+        grid, k = step_bench.map_grid_for(sections)
+        batches = step_bench.synthetic_batches(steps, batch_size, cfg["img_size"], num_classes, grid, k,
+                                               pin_memory=dev.type == "cuda")
+        flops = plain.flops_per_step(batches[0])
+        samples = interleave({"harness": lambda: harness.step_seconds(batches), "plain": lambda: plain.step_seconds(batches)},
+                             rounds, warmup=1 if quick else 3)
+        ratio = summary(paired_ratios(samples["plain"], samples["harness"]))  # = harness img/s / plain img/s
+        entry = {"model": cfg["model"], "row": row, "flops_per_step": flops, "ratio_harness_to_plain_img_s": ratio}
+        for which in ("harness", "plain"):
+            s = summary(samples[which], 5)
+            ips = batch_size / s["median"]
+            entry[which] = {"step_s": s, "images_per_s": round(ips, 1),
+                            "achieved_tflops": round(flops / s["median"] / 1e12, 2),
+                            "mfu": round(flops / s["median"] / peak, 4) if peak else None}
+        results[name] = entry
+        del harness, plain
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        rows.append((cfg["model"], f"{entry['plain']['images_per_s']:.0f}", f"{entry['harness']['images_per_s']:.0f}",
+                     f"{ratio['median']:.3f} [{ratio['q25']:.3f}–{ratio['q75']:.3f}]", f"{flops / batch_size / 1e9:.2f}",
+                     f"{entry['harness']['achieved_tflops']:.1f}",
+                     f"{entry['harness']['mfu']:.1%}" if entry["harness"]["mfu"] is not None else "–"))
+        targets.append(Target(f"gpu: {cfg['model']} harness / plain loop images/s", ratio["median"], ">=", TARGET))
+        bench.sample_load()
+    table = markdown_table(("model", "plain loop img/s", "harness img/s", "harness / plain (median [q25–q75])",
+                            "GFLOP/img (fwd+bwd)", "harness TFLOP/s", "harness MFU"), rows)
+    step_record = None
+    if with_step:
+        step_record = step_bench.run(out_dir, quick=quick, preset=preset, device=str(dev), batch_size=batch_size,
+                                     name="step_gpu", paths=paths)
+        targets += [Target(f"gpu {t['name']}", t["value"], t["op"], t["threshold"], t["unit"]) for t in step_record["targets"]]
+    settings = {"preset": preset, "batch_size": batch_size, "rounds": rounds, "steps_per_call": steps,
+                "amp_dtype": str(step_bench.amp_dtype_for(cfg, dev)).replace("torch.", ""),
+                "peak_flops": peak, "data": "synthetic batches in pinned CPU memory, copied to the GPU every step (both loops)"}
+    if step_record is not None:
+        results["step_gpu"] = {"json": str(Path(out_dir) / "step_gpu.json"), "all_targets_met": step_record["all_targets_met"]}
+    notes = [] if peak or dev.type != "cuda" else ["unknown GPU peak: pass --peak-tflops for MFU"]
+    return bench.finish(settings=settings, results=results, targets=targets, tables=[table], notes=notes)
