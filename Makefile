@@ -33,3 +33,7 @@ slurm-up:  ## start the single-node Slurm the cluster tests use (root; installs 
 
 slurm-down:  ## stop it (`make slurm-down ARGS=--purge` also deletes its state)
 	bash scripts/slurm-down.sh $(ARGS)
+
+.PHONY: bench
+bench: setup  ## speed benchmarks with their targets (docs/benchmarks.md); JSON in bench-results/; ARGS="step --quick" etc.
+	$(BIN)/tlvit bench $(or $(ARGS),all) --out bench-results

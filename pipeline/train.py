@@ -9,6 +9,7 @@ from pipeline import run_stage
 from tlvit.config import ConfigError, config_hash, load_params, preset_section, resolve_run_config
 from tlvit.io import write_json
 from tlvit.layout import Layout
+from tlvit.tables import experiment_for_row
 from tlvit.train import RunInputs, train
 
 
@@ -30,9 +31,14 @@ def run_row(row: str, params_path: str = "params.yaml", rows_path: str = "experi
     source = cfg["supervision"]["targets"]
     if source not in ("annotator", "oracle"):
         raise ConfigError(f"{rows_path} row {row!r}: supervision.targets must be 'annotator' or 'oracle', not {source!r}")
-    inputs = RunInputs(data["root"], data["kind"], layout.score_maps(source, "train"))
     seeds = preset_section(params, params_path=params_path)["seeds"]
-    runs = [train(cfg, seed, layout.run_dir(row, seed), inputs, show_progress=show_progress) for seed in seeds]
+    experiment, tags = experiment_for_row(row, params["preset"], params=params, rows_path=rows_path, params_path=params_path)
+    runs = []
+    for seed in seeds:
+        parent_ckpt = layout.run_dir(cfg["init_from"], seed) / "checkpoint.pt" if cfg.get("init_from") else None
+        inputs = RunInputs(data["root"], data["kind"], layout.score_maps(source, "train"), init_checkpoint=parent_ckpt)
+        runs.append(train(cfg, seed, layout.run_dir(row, seed), inputs, show_progress=show_progress,
+                          experiment=experiment, tags=tags))
     top1 = [r["top1"] for r in runs]
     metrics = {
         "row": row, "preset": params["preset"], "config_hash": config_hash(cfg), "n_seeds": len(runs),

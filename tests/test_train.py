@@ -108,3 +108,26 @@ def test_non_finite_loss_names_step_samples_and_checkpoint(tiny_data, tmp_path):
 def test_token_labeling_without_score_maps_fails_clearly(tiny_data, tmp_path):
     with pytest.raises(ValueError, match="needs score maps"):
         train(tiny_cfg("token_labeling"), 0, tmp_path / "x", RunInputs(tiny_data.data_root), tracking=False)
+
+
+def test_fine_tune_starts_from_the_finished_parent_at_a_new_resolution(tiny_data, tmp_path):
+    from tlvit.config import config_hash
+    from tlvit.train import build_model, load_parent_weights
+
+    parent = tiny_cfg(epochs=1)
+    child = dict(parent, img_size=96, init_from="parent", init_from_hash=config_hash(parent), row="child")
+    with pytest.raises(FileNotFoundError, match=r"run `dvc repro train@parent` first"):
+        train(child, 0, tmp_path / "child", RunInputs(tiny_data.data_root, "canvases", None, tmp_path / "none.pt"),
+              tracking=False, show_progress=False)
+    train(parent, 0, tmp_path / "parent", tiny_data, tracking=False, show_progress=False)
+    ckpt = tmp_path / "parent" / "checkpoint.pt"
+    model = build_model(child, 10)
+    load_parent_weights(model, child, ckpt)
+    ema = {k.removeprefix("module."): v for k, v in torch.load(ckpt, weights_only=False)["ema"].items()}
+    assert torch.equal(model.state_dict()["blocks.0.attn.qkv.weight"], ema["blocks.0.attn.qkv.weight"])
+    assert model.pos_embed.shape[1] == 1 + 12 * 12 and torch.equal(model.pos_embed[0, 0], ema["pos_embed"][0, 0])
+    res = train(child, 0, tmp_path / "child", RunInputs(tiny_data.data_root, "canvases", None, ckpt),
+                tracking=False, show_progress=False)
+    assert res["complete"]
+    with pytest.raises(ValueError, match="not the finished run"):
+        load_parent_weights(model, dict(child, init_from_hash="0" * 12), ckpt)

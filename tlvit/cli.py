@@ -11,6 +11,8 @@ COMMANDS = {
     "launch": "tlvit.launch.cli",
     "status": "tlvit.launch.cli",
     "sync": "tlvit.launch.cli",
+    "rows": "tlvit.rows_cli",
+    "bench": "tlvit.bench.cli",
 }
 
 

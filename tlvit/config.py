@@ -99,6 +99,11 @@ def resolve_run_config(
     models = cfg.pop("models", None) or {}
     if cfg["model"] in models:  # a paper model name -> this preset's timm model (lvvit_s -> lvvit_e, ...)
         cfg["model"] = models[cfg["model"]]
+    if row.get("init_from"):  # a fine-tune: starts from the parent row's final weights (same seed)
+        parent = row["init_from"]
+        cfg["init_from"] = parent
+        cfg["init_from_hash"] = config_hash(resolve_run_config(params, parent, preset=preset_name, rows_path=rows_path,
+                                                               params_path=params_path))
     cfg["row"] = row_id
     cfg["preset"] = preset_name
     return cfg

@@ -39,6 +39,30 @@ class RunInputs:
     data_root: Path
     data_kind: str = "canvases"
     score_maps: Path | None = None  # the train split's store, when the supervision needs one
+    init_checkpoint: Path | None = None  # fine-tunes (cfg["init_from"]): the parent run's checkpoint, same seed
+
+
+def load_parent_weights(model: torch.nn.Module, cfg: dict, path: Path | None) -> None:
+    """Start a fine-tune from its parent row's final weights (EMA when it had one), pos-embed resampled."""
+    from tlvit.models.lvvit import load_checkpoint_resized
+
+    parent = cfg["init_from"]
+    if path is None or not Path(path).is_file():
+        raise FileNotFoundError(f"row {cfg.get('row')!r} fine-tunes row {parent!r}, whose checkpoint {path} does not exist: "
+                                f"run `dvc repro train@{parent}` first")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if ckpt["config_hash"] != cfg["init_from_hash"] or ckpt["epoch"] != ckpt["config"]["epochs"]:
+        raise ValueError(f"{path}: not the finished run of row {parent!r} under this config (hash {ckpt['config_hash']}, "
+                         f"epoch {ckpt['epoch']}/{ckpt['config']['epochs']}); run `dvc repro train@{parent}` first")
+    load_checkpoint_resized(model, reported_weights(ckpt))
+
+
+def reported_weights(ckpt: dict) -> dict:
+    """The weights whose accuracy a run reports: its EMA when it has one (timm's ModelEmaV3 keys are
+    prefixed `module.`), else the model's."""
+    if not ckpt.get("ema"):
+        return ckpt["model"]
+    return {k.removeprefix("module."): v for k, v in ckpt["ema"].items()}
 
 
 class ShardSampler(Sampler):
@@ -156,6 +180,10 @@ def train(cfg: dict, seed: int, run_dir: str | Path, inputs: RunInputs, *, devic
             log.info("resuming %s from epoch %d", run_dir, start_epoch)
         else:  # a different config left this: keep it aside rather than resume into the wrong run
             ckpt_path.rename(run_dir / f"checkpoint.{ckpt['config_hash']}.stale.pt")
+    if start_epoch == 0 and cfg.get("init_from"):
+        load_parent_weights(model, cfg, inputs.init_checkpoint)
+        if ema is not None:
+            ema = ModelEmaV3(model, decay=cfg["ema_decay"])  # the average starts from the loaded weights
 
     run_tags = {"row": cfg.get("row"), "preset": cfg.get("preset"), "config_hash": chash, "seed": seed,
                 "git_commit": git_commit(), **versions(), **cluster_tags(), **(tags or {})}

@@ -4,40 +4,54 @@ Ratios are measured the way a shared machine allows: the variants run one after 
 round (the order rotated every round, so none always runs first or right after a particular other),
 each round gives one ratio per pair, and the reported ratio is the median over rounds. Load from
 other jobs then slows both sides of a pair alike, and the median drops the rounds it hit unevenly.
+
+Every timing records wall seconds and the CPU seconds of this process (and of its finished child
+processes, e.g. DataLoader workers). On a CPU the targets are judged on CPU time: on a machine
+shared with other jobs, wall time mostly measures how long the job waited for a core (measured
+here: an A/A pair of identical steps at load 7 on 2 cores spread 0.87-1.20 in wall time at 2
+threads, 0.97-1.02 in CPU time at 1 thread), while on an idle machine the two agree. On a GPU
+the targets use wall time (synchronised), the only meaningful clock there.
 """
 from __future__ import annotations
 
 import datetime as _dt
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence, TypeVar
 
 SOURCE_ROOT = Path(__file__).resolve().parents[2]  # the checkout whose code is being timed
 OPS = ("<=", ">=")
+T = TypeVar("T")
 
 
 # ---------------------------------------------------------------------------------------------- timing
-def interleave(fns: Mapping[str, Callable[[], float]], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
+def interleave(fns: Mapping[str, Callable[[], T]], rounds: int, warmup: int = 1) -> dict[str, list[T]]:
     """Call every fn once per round, the order rotated by one each round; {name: [sample per round]}.
 
-    Each fn measures itself and returns its sample (seconds, images/s, ...), so it can leave set-up
-    out. `warmup` untimed rounds come first (allocator, thread pools, lazy initialisation).
+    Each fn measures itself and returns its sample (seconds, images/s, a dict of both clocks, ...),
+    so it can leave set-up out. `warmup` untimed rounds come first (allocator, thread pools, lazy initialisation).
     """
     names = list(fns)
     for _ in range(warmup):
         for name in names:
             fns[name]()
-    samples: dict[str, list[float]] = {name: [] for name in names}
+    samples: dict[str, list[T]] = {name: [] for name in names}
     for r in range(rounds):
         k = r % len(names)
         for name in names[k:] + names[:k]:
-            samples[name].append(float(fns[name]()))
+            samples[name].append(fns[name]())
     return samples
+
+
+def column(samples: Sequence[Mapping[str, float]], key: str) -> list[float]:
+    """One clock's values out of a list of {"wall": ..., "cpu": ...} samples."""
+    return [s[key] for s in samples]
 
 
 def paired_ratios(num: Sequence[float], den: Sequence[float]) -> list[float]:
@@ -66,20 +80,35 @@ def summary(xs: Sequence[float], digits: int = 4) -> dict:
             "samples": [round(x, digits) for x in xs]}
 
 
-class Stopwatch:
-    """perf_counter timing; `sync` (e.g. torch.cuda.synchronize) is called before reading the clock."""
+def _cpu_now(children: bool) -> float:
+    """CPU seconds (user + system) of this process, plus its waited-for children if asked."""
+    t = time.process_time()
+    if children:
+        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t += ru.ru_utime + ru.ru_stime
+    return t
 
-    def __init__(self, sync: Callable[[], None] | None = None):
+
+class Stopwatch:
+    """Wall (`seconds`) and CPU (`cpu_seconds`) time of a block.
+
+    sync: e.g. torch.cuda.synchronize, called before each clock reading.
+    children: add the CPU time of child processes that ended (and were waited for) inside the block.
+    """
+
+    def __init__(self, sync: Callable[[], None] | None = None, children: bool = False):
         self.sync = sync or (lambda: None)
+        self.children = children
 
     def __enter__(self) -> "Stopwatch":
         self.sync()
-        self.t0 = time.perf_counter()
+        self.t0, self.c0 = time.perf_counter(), _cpu_now(self.children)
         return self
 
     def __exit__(self, *exc) -> None:
         self.sync()
         self.seconds = time.perf_counter() - self.t0
+        self.cpu_seconds = _cpu_now(self.children) - self.c0
 
 
 # ---------------------------------------------------------------------------------------------- targets
@@ -136,7 +165,7 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
 
 
 def targets_table(targets: Sequence[Target]) -> str:
-    rows = [(t.name, f"{fmt(t.value)}{t.unit if t.value is not None else ''}", f"{t.op} {t.threshold}{t.unit}", t.mark)
+    rows = [(t.name, f"{fmt(t.value, 4)}{t.unit if t.value is not None else ''}", f"{t.op} {t.threshold}{t.unit}", t.mark)
             for t in targets]
     return markdown_table(("target", "measured", "goal", "met"), rows)
 
@@ -208,8 +237,8 @@ class Bench:
         machine = machine_info(self.loads)
         notes = list(notes)
         if machine["shared"]:
-            notes.append(f"machine shared: the 1-min load average reached {machine['load_1m_max']} on "
-                         f"{machine['cores']} cores while this ran (other jobs); ratios are medians of interleaved rounds")
+            notes.append(f"machine shared: the 1-min load average reached {machine['load_1m_max']} on {machine['cores']} "
+                         "cores while this ran (other jobs): absolute times are inflated, ratios are medians of interleaved rounds")
         record = {
             "benchmark": self.name, "status": status, "quick": self.quick,
             "date": self.started.isoformat(timespec="seconds"),

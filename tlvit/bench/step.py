@@ -9,7 +9,9 @@ The data loader is left out (`tlvit bench data` measures it); batches are synthe
 shapes and dtypes the loader produces (random-resized-crop thetas, fp16 top-k score maps).
 
 Targets (LV-ViT claims token labeling is nearly free; TL-Align reports 322 -> 311 img/s, 1.035x):
-token labeling <= 1.05x the class-token baseline step; TL-Align <= 1.01x the CutMix step.
+token labeling <= 1.05x the class-token baseline step; TL-Align <= 1.01x the CutMix step. An A/A
+row (the baseline against an identical second copy) shows how far noise alone moves a ratio.
+On a CPU the ratios are judged on CPU time with one torch thread (see `tlvit.bench.common`).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 from torchvision.transforms import RandomResizedCrop
 
-from tlvit.bench.common import SOURCE_ROOT, Bench, Stopwatch, Target, interleave, markdown_table, paired_ratios, summary
+from tlvit.bench.common import SOURCE_ROOT, Bench, Stopwatch, Target, column, interleave, markdown_table, paired_ratios, summary
 from tlvit.labels.geometry import crop_flip_theta, identity_clips
 from tlvit.labels.score_maps import class_dtype
 
@@ -40,10 +42,13 @@ class Variant:
     overrides: tuple[tuple[str, object], ...] = ()
     reference: str | None = None  # key of the variant this one is divided by
     target: float | None = None  # step-time ratio to the reference must be <= this
+    explicit_attention: bool = False  # diagnostic: softmax(QK^T) path instead of fused SDPA, as TL-Align needs
 
 
 VARIANTS = (
     Variant("lvvit_ce", "LV-ViT, class-token CE (baseline)", "lvvit_s_baseline"),
+    # the baseline against a second, identical copy of itself: how far from 1 noise alone moves a ratio
+    Variant("lvvit_ce_again", "LV-ViT, class-token CE again (A/A control)", "lvvit_s_baseline", (), "lvvit_ce"),
     Variant("lvvit_tl", "LV-ViT, token labeling", "lvvit_s_token_labeling", (("augment.mix_token", False),),
             "lvvit_ce", 1.05),
     Variant("lvvit_tl_mixtoken", "LV-ViT, token labeling + MixToken (the paper's recipe)", "lvvit_s_token_labeling",
@@ -53,6 +58,9 @@ VARIANTS = (
     Variant("deit_ce", "DeiT, class-token CE (baseline)", "deit_s_vanilla"),
     Variant("deit_cutmix", "DeiT, CutMix", "deit_s_cutmix", (), "deit_ce"),
     Variant("deit_tlalign", "DeiT, TL-Align (patch CutMix)", "deit_s_tlalign", (), "deit_cutmix", 1.01),
+    # diagnostic: the part of TL-Align's cost that is reading the attention map (no fused SDPA), without alignment
+    Variant("deit_cutmix_explicit", "DeiT, CutMix, explicit attention (diagnostic)", "deit_s_cutmix", (), "deit_cutmix",
+            explicit_attention=True),
     Variant("deit_transmix", "DeiT, TransMix (CutMix)", "deit_s_transmix", (), "deit_cutmix"),
 )
 
@@ -89,7 +97,7 @@ class StepRunner:
     """A row's model, supervision, optimizer, scheduler and EMA, built as `tlvit.train.train` builds them."""
 
     def __init__(self, cfg: dict, num_classes: int, batch_size: int, device: torch.device, *,
-                 channels_last: bool | None = None, seed: int = 0):
+                 channels_last: bool | None = None, explicit_attention: bool = False, seed: int = 0):
         from timm.optim import create_optimizer_v2
         from timm.scheduler import create_scheduler_v2
         from timm.utils import ModelEmaV3
@@ -101,6 +109,10 @@ class StepRunner:
         self.cfg, self.device = cfg, device
         torch.manual_seed(seed)
         model = build_model(cfg, num_classes).to(device)
+        if explicit_attention:
+            for m in model.modules():
+                if hasattr(m, "fused_attn"):
+                    m.fused_attn = False
         self.amp_dtype = amp_dtype_for(cfg, device)
         if channels_last is None:
             channels_last = bool(cfg.get("channels_last")) and device.type == "cuda"
@@ -134,15 +146,15 @@ class StepRunner:
             kwargs["channels_last"] = self.channels_last
         return kwargs
 
-    def step_seconds(self, batches: list[dict]) -> float:
-        """Run `train_one_epoch` over `batches`; wall seconds per step."""
+    def step_seconds(self, batches: list[dict]) -> dict[str, float]:
+        """Run `train_one_epoch` over `batches`; {"wall", "cpu"} seconds per step."""
         from tlvit.engine import train_one_epoch
 
         with Stopwatch(sync_fn(self.device)) as sw:
             train_one_epoch(self.net, self.model, batches, self.supervision, self.optimizer, self.scheduler, 0,
                             self.device, generator=self.generator, ema=self.ema, clip_grad=self.cfg.get("clip_grad"),
                             show_progress=False, **self.engine_kwargs)
-        return sw.seconds / len(batches)
+        return {"wall": sw.seconds / len(batches), "cpu": sw.cpu_seconds / len(batches)}
 
 
 def synthetic_batches(n: int, batch_size: int, img_size: int, num_classes: int, map_grid: tuple[int, int], k: int, *,
@@ -188,8 +200,13 @@ def map_grid_for(preset_sections: dict) -> tuple[tuple[int, int], int]:
 
 def run(out_dir: str | Path, *, quick: bool = False, preset: str | None = None, device: str | None = None,
         batch_size: int | None = None, rounds: int | None = None, steps: int | None = None, warmup: int | None = None,
-        variants: tuple[Variant, ...] = VARIANTS, name: str = "step", paths: tuple[Path, Path] | None = None) -> dict:
-    """Time every variant's step in interleaved rounds; ratios to the references are medians over rounds."""
+        threads: int | None = None, variants: tuple[Variant, ...] = VARIANTS, name: str = "step",
+        paths: tuple[Path, Path] | None = None) -> dict:
+    """Time every variant's step in interleaved rounds; ratios to the references are medians over rounds.
+
+    threads: torch CPU threads while timing (default 1 on a CPU: the ratio of the work, which the
+    load of other jobs cannot inflate through a straggling thread; see tlvit.bench.common).
+    """
     from tlvit.config import load_params, preset_section
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -200,47 +217,63 @@ def run(out_dir: str | Path, *, quick: bool = False, preset: str | None = None, 
     base = next(iter(cfgs.values()))
     num_classes = NUM_CLASSES[sections["data"]["kind"]]
     if batch_size is None:  # the preset's per-process batch; a GPU benchmark uses one GPU's share of ImageNet's 1024
-        batch_size = 16 if quick else (128 if dev.type == "cuda" else base["batch_size"])
-    rounds = rounds or (2 if quick else (10 if dev.type == "cuda" else 15))
+        batch_size = 8 if quick else (128 if dev.type == "cuda" else base["batch_size"])
+    rounds = rounds or (1 if quick else (10 if dev.type == "cuda" else 15))
     steps = steps or (1 if quick else (5 if dev.type == "cuda" else 2))
-    warmup = (1 if quick else 2) if warmup is None else warmup
+    warmup = (0 if quick else 2) if warmup is None else warmup
+    threads = threads or (torch.get_num_threads() if dev.type == "cuda" else 1)
+    clock = "wall" if dev.type == "cuda" else "cpu"  # the clock the targets are judged on
     grid, k = map_grid_for(sections)
     bench = Bench(name, out_dir, quick=quick, device=str(dev))
 
     batches = synthetic_batches(steps, batch_size, base["img_size"], num_classes, grid, k,
                                 crop_scale=tuple(base["crop_scale"]), crop_ratio=tuple(base["crop_ratio"]),
                                 hflip=base["hflip"], pin_memory=dev.type == "cuda")
-    runners = {v.key: StepRunner(cfgs[v.key], num_classes, batch_size, dev) for v in variants}
-    samples = interleave({key: (lambda r=r: r.step_seconds(batches)) for key, r in runners.items()}, rounds, warmup)
+    runners = {v.key: StepRunner(cfgs[v.key], num_classes, batch_size, dev, explicit_attention=v.explicit_attention)
+               for v in variants}
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        samples = interleave({key: (lambda r=r: r.step_seconds(batches)) for key, r in runners.items()}, rounds, warmup)
+    finally:
+        torch.set_num_threads(threads_before)
     bench.sample_load()
 
     results, rows, targets = {}, [], []
     for v in variants:
-        s = samples[v.key]
+        wall, cpu = column(samples[v.key], "wall"), column(samples[v.key], "cpu")
+        judged = summary(wall if clock == "wall" else cpu, 5)
         entry = {"label": v.label, "row": v.row, "overrides": dict(v.overrides), "model": cfgs[v.key]["model"],
-                 "step_s": summary(s, 5), "images_per_s": round(batch_size / summary(s)["median"], 1),
-                 "reference": v.reference}
-        ratio = None
+                 "explicit_attention": v.explicit_attention,
+                 "step_wall_s": summary(wall, 5), "step_cpu_s": summary(cpu, 5),
+                 "images_per_s": round(batch_size / judged["median"], 1), "reference": v.reference}
+        ratio = other = None
         if v.reference:
-            r = summary(paired_ratios(s, samples[v.reference]))
-            entry["ratio_to_reference"] = r
-            ratio = r["median"]
+            ref = samples[v.reference]
+            entry["ratio_wall"] = summary(paired_ratios(wall, column(ref, "wall")))
+            entry["ratio_cpu"] = summary(paired_ratios(cpu, column(ref, "cpu")))
+            ratio, other = entry[f"ratio_{clock}"], entry["ratio_cpu" if clock == "wall" else "ratio_wall"]
             if v.target is not None:
-                targets.append(Target(f"step: {v.label} / {label_of(variants, v.reference)}", ratio, "<=", v.target))
+                targets.append(Target(f"step: {v.label} / {label_of(variants, v.reference)}", ratio["median"], "<=", v.target))
         results[v.key] = entry
-        rows.append((v.label, entry["model"], f"{entry['step_s']['median'] * 1000:.1f}", f"{entry['images_per_s']:.0f}",
-                     f"{ratio:.3f} [{r['q25']:.3f}–{r['q75']:.3f}]" if ratio is not None else "1 (reference)",
+        rows.append((v.label, entry["model"], f"{entry['step_wall_s']['median'] * 1000:.0f}",
+                     f"{entry['step_cpu_s']['median'] * 1000:.0f}", f"{entry['images_per_s']:.0f}",
+                     f"{ratio['median']:.3f} [{ratio['q25']:.3f}–{ratio['q75']:.3f}]" if ratio else "1 (reference)",
+                     f"{other['median']:.3f}" if other else "",
                      label_of(variants, v.reference) if v.reference else "",
                      f"≤ {v.target}" if v.target is not None else ""))
-    table = markdown_table(("variant", "model", "ms/step", "img/s", "ratio (median [q25–q75])", "relative to", "target"),
-                           rows)
+    other_clock = "cpu" if clock == "wall" else "wall"
+    table = markdown_table(("variant", "model", "wall ms/step", "CPU ms/step", f"img/s ({clock})",
+                            f"ratio, {clock} (median [q25–q75])", f"ratio, {other_clock}", "relative to", "target"), rows)
     one = runners[variants[0].key]
     settings = {"preset": preset, "device": str(dev), "batch_size": batch_size, "rounds": rounds, "steps_per_call": steps,
-                "warmup_rounds": warmup, "num_classes": num_classes, "img_size": base["img_size"], "score_map_grid": list(grid),
-                "topk": k, "amp_dtype": str(one.amp_dtype).replace("torch.", "") if one.amp_dtype else None,
+                "warmup_rounds": warmup, "threads": threads, "clock_for_targets": clock, "num_classes": num_classes,
+                "img_size": base["img_size"], "score_map_grid": list(grid), "topk": k,
+                "amp_dtype": str(one.amp_dtype).replace("torch.", "") if one.amp_dtype else None,
                 "channels_last": one.channels_last, "ema": {v.key: bool(cfgs[v.key].get("ema_decay")) for v in variants},
                 "timed": "tlvit.engine.train_one_epoch on in-memory batches (loader excluded)"}
-    return bench.finish(settings=settings, results=results, targets=targets, tables=[table])
+    notes = [f"targets judged on {clock} time" + (f" with {threads} torch thread(s)" if clock == "cpu" else "")]
+    return bench.finish(settings=settings, results=results, targets=targets, tables=[table], notes=notes)
 
 
 def label_of(variants: tuple[Variant, ...], key: str) -> str:

@@ -1,0 +1,87 @@
+"""`tlvit bench [step|data|scoremaps|repro|gpu|all] [--quick] [--out DIR]`: the harness's speed (docs/benchmarks.md)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+WHICH = ("step", "data", "scoremaps", "repro", "gpu", "all")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="benchmark the harness's speed (targets ✓/✗, JSON per benchmark)",
+                       description="Measure the harness's speed side by side: each benchmark prints a table with its "
+                                   "targets (✓/✗) and writes <out>/<name>.json (date, machine, device, torch, commit). "
+                                   "Latest results: docs/benchmarks.md.")
+    p.add_argument("which", nargs="?", choices=WHICH, default="all",
+                   help="step: training-step cost per supervision; data: loader with vs without score maps; "
+                        "scoremaps: generation speed and store size; repro: `dvc repro` wall times; "
+                        "gpu: harness vs plain PyTorch loop on a GPU (skipped without one); all (default)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes and one round: checks that it runs, numbers mean nothing")
+    p.add_argument("--out", type=Path, default=Path("bench-results"), help="directory for the JSON records (default: %(default)s)")
+    p.add_argument("--preset", default=None,
+                   help="params.yaml preset for step/data/scoremaps (default: embedded on the CPU, imagenet on a GPU)")
+    p.add_argument("--device", default=None, help="step/scoremaps/gpu device (default: cuda when available)")
+    p.add_argument("--batch-size", type=int, default=None, help="step/data/gpu batch (default: the preset's; 128 on a GPU)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: per benchmark)")
+    p.add_argument("--repro-presets", nargs="+", default=["smoke"],
+                   help="presets `repro` runs from clean (the embedded one takes ~30 min on 2 cores)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="gpu: the GPU's dense bf16 peak, for MFU on unknown GPUs")
+    p.add_argument("--workdir", type=Path, default=None, help="data/scoremaps: where to build the benchmark dataset (default: a temp dir)")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a measured target is missed")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    import torch
+
+    from tlvit.bench.fixture import BenchDataError, workdir_or_temp
+    from tlvit.config import ConfigError
+
+    which = list(WHICH[:-1]) if args.which == "all" else [args.which]
+    on_gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    preset = args.preset or ("imagenet" if on_gpu else "embedded")
+    data_preset = args.preset or "embedded"  # loader and score maps need a dataset built here: embedded canvases
+    records = []
+    try:
+        with workdir_or_temp(args.workdir) as wd:  # one benchmark dataset for data and scoremaps
+            records = _run_all(args, which, wd, preset, data_preset, on_gpu)
+    except (BenchDataError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    missed = [t["name"] for r in records for t in r["targets"] if t["met"] is False]
+    print(f"\n{len(records)} benchmark(s); targets missed: {', '.join(missed) if missed else 'none'}")
+    return 1 if args.strict and missed else 0
+
+
+def _run_all(args: argparse.Namespace, which: list[str], wd: Path, preset: str, data_preset: str, on_gpu: bool) -> list[dict]:
+    records = []
+    for name in which:
+        if name == "step":
+            from tlvit.bench import step
+
+            records.append(step.run(args.out, quick=args.quick, preset=preset, device=args.device,
+                                    batch_size=args.batch_size, rounds=args.rounds))
+        elif name == "data":
+            from tlvit.bench import data
+
+            records.append(data.run(args.out, quick=args.quick, preset=data_preset, workdir=wd,
+                                    batch_size=args.batch_size, rounds=args.rounds))
+        elif name == "scoremaps":
+            from tlvit.bench import scoremaps
+
+            records.append(scoremaps.run(args.out, quick=args.quick, preset=data_preset, workdir=wd,
+                                         repeats=args.rounds, device=args.device))
+        elif name == "repro":
+            from tlvit.bench import repro
+
+            records.append(repro.run(args.out, quick=args.quick, presets=tuple(args.repro_presets)))
+        elif name == "gpu":
+            from tlvit.bench import gpu
+
+            # item 1 on the GPU: its own step_gpu.json, unless `step` already ran on the GPU in this call
+            records.append(gpu.run(args.out, quick=args.quick, device=args.device if on_gpu else None,
+                                   batch_size=args.batch_size, rounds=args.rounds, peak_tflops=args.peak_tflops,
+                                   with_step="step" not in which))
+    return records

@@ -1,0 +1,57 @@
+"""`tlvit rows`: which training rows fill the papers' tables (for params.yaml `rows`, which DVC's foreach runs)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("rows", help="list the rows that fill every table (or some tables); optionally write params.yaml `rows`",
+                       description="Print the training rows the tables need under a preset: each configuration once "
+                                   "(two row ids with the same config hash train once), `init_from` parents first. "
+                                   "--write puts the list into params.yaml `rows:` so that `dvc repro` trains them all.")
+    p.add_argument("--all", action="store_true", help="the rows of every table (default when no --table is given)")
+    p.add_argument("--table", action="append", default=[], metavar="KEY", help="only this table's rows, e.g. lvvit_table3 "
+                   "(repeatable)")
+    p.add_argument("--preset", default=None, help="default: params.yaml `preset`")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--rows-file", default="experiments/rows.yaml")
+    p.add_argument("--tables", default="experiments/tables", help="table directory")
+    p.add_argument("--write", action="store_true", help="replace params.yaml `rows:` with the list (comments elsewhere kept)")
+    p.add_argument("--format", choices=("yaml", "lines"), default="yaml", help="yaml: `rows: [a, b]`; lines: one id a line")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+
+    from tlvit.config import ConfigError, load_params
+    from tlvit.tables import all_rows, load_tables, set_rows_in_params
+
+    try:
+        params = load_params(args.params)
+        preset = args.preset or params["preset"]
+        tables_dir = Path(args.tables)
+        if args.table:
+            known = {t.key for t in load_tables(tables_dir)}
+            unknown = sorted(set(args.table) - known)
+            if unknown:
+                raise ConfigError(f"{tables_dir}: no table {unknown}; tables: {sorted(known)}")
+            with tempfile.TemporaryDirectory() as tmp:  # the same ordering/dedup rules over the chosen tables only
+                for key in args.table:
+                    shutil.copy(tables_dir / f"{key}.yaml", Path(tmp) / f"{key}.yaml")
+                rows = all_rows(params, preset, tmp, args.rows_file, args.params)
+        else:
+            rows = all_rows(params, preset, tables_dir, args.rows_file, args.params)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.write:
+        path = Path(args.params)
+        path.write_text(set_rows_in_params(path.read_text(), rows))
+        print(f"{path}: rows = {len(rows)} rows for preset {preset}")
+        return 0
+    print("\n".join(rows) if args.format == "lines" else "rows: [" + ", ".join(rows) + "]")
+    return 0
