@@ -27,6 +27,8 @@ def add_parser(sub) -> None:
                    help="presets `repro` runs from clean (the embedded one takes ~30 min on 2 cores)")
     p.add_argument("--peak-tflops", type=float, default=None, help="gpu: the GPU's dense bf16 peak, for MFU on unknown GPUs")
     p.add_argument("--workdir", type=Path, default=None, help="data/scoremaps: where to build the benchmark dataset (default: a temp dir)")
+    p.add_argument("--data", type=Path, default=None, help="data: an ImageFolder root to load instead of built canvases")
+    p.add_argument("--score-maps", type=Path, default=None, help="data: the score-map store of --data's train split")
     p.add_argument("--strict", action="store_true", help="exit 1 when a measured target is missed")
     p.set_defaults(func=run)
 
@@ -38,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
 
     from tlvit.bench.fixture import BenchDataError, workdir_or_temp
     from tlvit.config import ConfigError
+    from tlvit.data.datasets import DatasetError
+    from tlvit.labels.score_maps import ScoreMapError
 
     which = list(WHICH[:-1]) if args.which == "all" else [args.which]
     on_gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
@@ -47,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         with workdir_or_temp(args.workdir) as wd:  # one benchmark dataset for data and scoremaps
             records = _run_all(args, which, wd, preset, data_preset, on_gpu)
-    except (BenchDataError, ConfigError) as e:
+    except (BenchDataError, ConfigError, DatasetError, ScoreMapError) as e:  # errors that name the fix
         print(f"error: {e}", file=sys.stderr)
         return 2
     missed = [t["name"] for r in records for t in r["targets"] if t["met"] is False]
@@ -66,8 +70,8 @@ def _run_all(args: argparse.Namespace, which: list[str], wd: Path, preset: str, 
         elif name == "data":
             from tlvit.bench import data
 
-            records.append(data.run(args.out, quick=args.quick, preset=data_preset, workdir=wd,
-                                    batch_size=args.batch_size, rounds=args.rounds))
+            records.append(data.run(args.out, quick=args.quick, preset=data_preset, workdir=wd, data_root=args.data,
+                                    score_maps=args.score_maps, batch_size=args.batch_size, rounds=args.rounds))
         elif name == "scoremaps":
             from tlvit.bench import scoremaps
 

@@ -18,7 +18,7 @@ import torch
 
 from tlvit.bench.common import (Bench, Target, column, interleave, markdown_table, median, paired_ratios,
                                 quartiles, summary)
-from tlvit.bench.fixture import Fixture, ensure_fixture, workdir_or_temp
+from tlvit.bench.fixture import BenchDataError, Fixture, ensure_fixture, workdir_or_temp
 
 TARGET = 0.95
 ROW = "lvvit_s_token_labeling"  # a row whose supervision reads score maps
@@ -113,13 +113,22 @@ class LoaderRate:
 
 
 def run(out_dir: str | Path, *, quick: bool = False, preset: str = "embedded", workdir: str | Path | None = None,
-        fixture: Fixture | None = None, batch_size: int | None = None, batches: int | None = None,
+        fixture: Fixture | None = None, data_root: str | Path | None = None, score_maps: str | Path | None = None,
+        batch_size: int | None = None, batches: int | None = None,
         rounds: int | None = None, workers: int | None = None, paths: tuple[Path, Path] | None = None) -> dict:
-    """Interleaved rounds of both loaders; the ratio (with / without) is the median over rounds."""
+    """Interleaved rounds of both loaders; the ratio (with / without) is the median over rounds.
+
+    data_root + score_maps: an existing ImageFolder and its train split's store (e.g. ImageNet on a
+    cluster) instead of the embedded canvases built in `workdir`.
+    """
     sections, cfg = loader_config(preset, paths)
+    if (data_root is None) != (score_maps is None):
+        raise BenchDataError("pass both --data and --score-maps, or neither")
+    if data_root is not None:
+        fixture = Fixture(Path(data_root), Path(score_maps), sections["data"]["kind"])
     batch_size = batch_size or (16 if quick else cfg["batch_size"])
-    batches = batches or (2 if quick else 8)
-    rounds = rounds or (1 if quick else 20)
+    batches = batches or (2 if quick else 11)  # 1 + 11 + prefetch 4 batches of 128 = the 2048-image fixture
+    rounds = rounds or (1 if quick else 30)
     workers = cfg["workers"] if workers is None else workers
     bench = Bench("data", out_dir, quick=quick)
     with workdir_or_temp(workdir) as wd:
@@ -130,7 +139,8 @@ def run(out_dir: str | Path, *, quick: bool = False, preset: str = "embedded", w
         rates = {"without": LoaderRate(plain, batch_size, workers, batches, pin),
                  "with": LoaderRate(maps, batch_size, workers, batches, pin)}
         if len(plain) < rates["with"].needed():
-            raise ValueError(f"{fixture.root}/train has {len(plain)} images; the benchmark needs {rates['with'].needed()}")
+            raise BenchDataError(f"{fixture.root}/train has {len(plain)} images; the benchmark needs {rates['with'].needed()} "
+                                 "(lower --batch-size)")
         if workers > 0:  # the same work in the main process: no IPC, no worker start-up, a tighter ratio
             rates["without, in process"] = LoaderRate(plain, batch_size, 0, batches)
             rates["with, in process"] = LoaderRate(maps, batch_size, 0, batches)

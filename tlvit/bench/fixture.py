@@ -60,8 +60,8 @@ def ensure_canvases(workdir: Path, sections: dict, n_train: int) -> Path:
     from tlvit.data.canvases import CanvasSpec, write_canvases
 
     if sections["data"]["kind"] != "canvases":
-        raise BenchDataError(f"preset data kind {sections['data']['kind']!r}: pass --data <ImageFolder root> and "
-                             "--score-maps <store of its train split> to benchmark it; only canvases are built here")
+        raise BenchDataError(f"preset data kind {sections['data']['kind']!r}: only embedded canvases are built here; "
+                             "for the loader on real data pass --data <ImageFolder root> --score-maps <its train store>")
     root = workdir / f"canvases-{n_train}"
     if not (root / "train").is_dir():
         spec = CanvasSpec.from_params({**sections["data"], "train": n_train, "val": 20, "single": 20})
