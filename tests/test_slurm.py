@@ -101,14 +101,20 @@ def sacct_states(job_id: str, until: str | None = None, timeout: float = 60) -> 
         time.sleep(1)
 
 
-# ---------------------------------------------------------------------------- one row, end to end
-def test_one_row_end_to_end(slurm_env, tmp_path, monkeypatch):
-    repo = make_tiny_repo(tmp_path / "repo", {"a": {}}, epochs=3, per_class=32, launcher=slurm_launcher(tmp_path))
+def launch_and_wait(repo: Path, slurm_env: list, what: str):
+    """Launch row `a` of a tiny repo on Slurm, wait for its job; (record, final status), time printed."""
     t0 = time.time()
     (record,) = launch_rows(["a"], workdir=repo)
     slurm_env.append(record.job_id)
     status = rec.wait(record, poll_s=1)
-    timing("one row: submit -> COMPLETED", time.time() - t0)
+    timing(what, time.time() - t0)
+    return record, status
+
+
+# ---------------------------------------------------------------------------- one row, end to end
+def test_one_row_end_to_end(slurm_env, tmp_path, monkeypatch):
+    repo = make_tiny_repo(tmp_path / "repo", {"a": {}}, epochs=3, per_class=32, launcher=slurm_launcher(tmp_path))
+    record, status = launch_and_wait(repo, slurm_env, "one row: submit -> COMPLETED")
     assert status.phase == "done", status.detail
     assert "COMPLETED" in sacct_states(record.job_id, until="COMPLETED")
     metrics = json.loads((repo / "metrics" / "tiny" / "rows" / "a.json").read_text())
@@ -267,11 +273,7 @@ def test_interrupted_job_requeues_and_ends_like_an_uninterrupted_one(slurm_env, 
 def test_two_task_cpu_ddp_job(slurm_env, tmp_path):
     repo = make_tiny_repo(tmp_path / "repo", {"a": {}}, epochs=2, per_class=32,
                           launcher=slurm_launcher(tmp_path, tasks_per_node=2))
-    t0 = time.time()
-    (record,) = launch_rows(["a"], workdir=repo)
-    slurm_env.append(record.job_id)
-    status = rec.wait(record, poll_s=1)
-    timing("2-task DDP: submit -> COMPLETED", time.time() - t0)
+    record, status = launch_and_wait(repo, slurm_env, "2-task DDP: submit -> COMPLETED")
     assert status.phase == "done", status.detail
     result = json.loads((repo / "runs" / "tiny" / "a" / "seed0" / "result.json").read_text())
     assert result["global_batch"] == 2 * 32 and result["complete"]
