@@ -163,7 +163,10 @@ def smoke_repo_with_slurm(dst: Path, tmp_path: Path) -> tuple[Path, dict]:
         text = re.sub(r"^(  kind:) local\b", r"\1 slurm", text, count=1, flags=re.M)
         text = re.sub(r"^(  folder:) \S+", rf"\1 {tmp_path / 'submitit'}", text, count=1, flags=re.M)
         text = re.sub(r"^(    cpus_per_task:) \d+", r"\1 1", text, count=1, flags=re.M)
-        return re.sub(r"^(    timeout_min:) \d+", r"\1 60", text, count=1, flags=re.M)
+        text = re.sub(r"^(    timeout_min:) \d+", r"\1 60", text, count=1, flags=re.M)
+        # 8 epochs, not the smoke preset's 2: the jobs must still be running while the test checks
+        # `tlvit launch`, `tlvit status` and that `dvc repro` waits (2-epoch jobs finished first on a quiet machine)
+        return re.sub(r"^(      epochs:) 2\n(      warmup_epochs: 1)$", r"\1 8\n\2", text, count=1, flags=re.M)
 
     return committed_copy(dst, edit, TLVIT_LAUNCH_POLL_S="1")
 
@@ -213,7 +216,7 @@ def test_launch_runs_stale_rows_together_and_dvc_repro_collects_them(slurm_env, 
         ckpt = repo / "runs" / "smoke" / row / "seed0" / "checkpoint.pt"
         result_pickle = Path(r.folder.replace("%j", r.job_id)) / f"{r.job_id}_0_result.pkl"
         assert ckpt.stat().st_mtime < result_pickle.stat().st_mtime
-        assert json.loads((repo / "metrics" / "smoke" / "rows" / f"{row}.json").read_text())["runs"][0]["epochs"] == 2
+        assert json.loads((repo / "metrics" / "smoke" / "rows" / f"{row}.json").read_text())["runs"][0]["epochs"] == 8
     lock = (repo / "dvc.lock").read_text()
     assert all(f"train@{r}" in lock for r in rows)
     assert re.findall(r"Running stage", sh(["dvc", "repro"], repo, env).stdout) == []  # all recorded
@@ -230,7 +233,7 @@ def test_launch_runs_stale_rows_together_and_dvc_repro_collects_them(slurm_env, 
     for r in runs:
         tags = r.data.tags  # array tasks: the array's id and the task's index (SLURM_JOB_ID is the task's own id)
         assert r.info.status == "FINISHED" and f"{tags['slurm_array_job_id']}_{tags['slurm_array_task_id']}" == records[tags["row"]].job_id
-        assert [m.step for m in client.get_metric_history(r.info.run_id, "val_top1")] == [1, 2]
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "val_top1")] == list(range(1, 9))
 
 
 # ---------------------------------------------------------------------------- preemption
