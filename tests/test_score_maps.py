@@ -64,6 +64,7 @@ def test_writer_resumes_without_recomputing(tmp_path):
         w2.write_chunk(c, np.full((len(r), 1, 1, 1), 7, np.float16), np.zeros((len(r), 1, 1, 1), np.uint8))
     store = w2.finish(paths, [(1, 1)] * 5)
     assert store.read(0)[0].item() == 1 and store.read(4)[0].item() == 7
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]  # no partial dir or lock file left beside it
     # other settings: the partial store is discarded, not mixed in
     w3 = ScoreMapWriter(tmp_path / "t", num_images=5, k=1, grid=(1, 1), num_classes=3, meta={"a": 1}, chunk=2)
     w3.write_chunk(0, np.ones((2, 1, 1, 1), np.float16), np.zeros((2, 1, 1, 1), np.uint8))

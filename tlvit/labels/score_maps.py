@@ -161,6 +161,8 @@ class ScoreMapWriter:
             if self.root.exists():
                 shutil.rmtree(self.root)
             os.replace(self.partial, self.root)
+            # a shard still waiting holds its own handle to the lock; a later one sees the published store
+            self.partial.with_name(self.partial.name + ".lock").unlink(missing_ok=True)
             return ScoreMapStore(self.root)
 
 
