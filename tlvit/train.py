@@ -21,7 +21,7 @@ from tlvit.data.datasets import DenseLabelDataset, EvalGeometry, TrainGeometry, 
 from tlvit.data.rand_augment import build_rand_augment
 from tlvit.distributed import DistEnv, barrier, init_distributed
 from tlvit.engine import TrainForward, evaluate, train_one_epoch
-from tlvit.io import save_torch_atomic, write_json
+from tlvit.io import atomic_path, save_torch_atomic, write_json
 from tlvit.provenance import cluster_tags, git_commit, versions
 from tlvit.supervision import Supervision, needs_score_maps
 
@@ -248,8 +248,6 @@ def train(cfg: dict, seed: int, run_dir: str | Path, inputs: RunInputs, *, devic
 
 
 def _write_history(path: Path, history: list[dict]) -> None:
-    from tlvit.io import atomic_path
-
     keys = sorted({k for h in history for k in h}, key=lambda k: (k != "epoch", k))
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)

@@ -118,6 +118,7 @@ class DenseLabelDataset(Dataset):
         self.geometry = geometry
         self.mean, self.std = list(mean), list(std)
         self.erasing = erasing  # e.g. timm RandomErasing on the normalised tensor; labels unchanged (as the original)
+        self.aug_seed: tuple[int, int] | None = None  # (seed, epoch) once set_epoch is called
         self.store: ScoreMapStore | None = None
         if score_maps is not None:
             self.store = ScoreMapStore(score_maps)
@@ -142,7 +143,7 @@ class DenseLabelDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         img = load_rgb(self.split_dir / self.paths[i])
-        if getattr(self, "aug_seed", None) is not None:
+        if self.aug_seed is not None:
             self._seed_sample(i)
         img, theta, clips = self.geometry(img)
         x = TF.normalize(TF.to_tensor(img), self.mean, self.std)
