@@ -45,6 +45,15 @@ class Supervision:
     align_layers: tuple[int, ...] = ()  # 0-based blocks for align="layers"
     align_target: str = "cls"  # cls (DeiT: the aligned class-token label) | mean_tokens (pooling models)
 
+    @classmethod
+    def from_config(cls, cfg: dict, num_classes: int, token_grid: tuple[int, int]) -> "Supervision":
+        """The supervision a resolved run config describes (its `supervision` and `augment` sections)."""
+        sup, aug = cfg["supervision"], cfg["augment"]
+        return cls(sup["kind"], num_classes, tuple(token_grid), cfg["label_smoothing"], sup["token_weight"],
+                   sup["cls_target"], sup["absent_classes"], mix=aug["mix"], mix_alpha=aug["mix_alpha"],
+                   mix_token=aug["mix_token"], align=sup["align"], align_layers=tuple(sup["align_layers"]),
+                   align_target=sup["align_target"])
+
     def __post_init__(self):
         checks = {"kind": (self.kind, KINDS), "cls_target": (self.cls_target, ("label", "annotator")),
                   "mix": (self.mix, MIX_KINDS), "align": (self.align, ("none",) + ALIGN_VARIANTS),

@@ -140,12 +140,7 @@ def train(cfg: dict, seed: int, run_dir: str | Path, inputs: RunInputs, *, devic
     channels_last = bool(cfg.get("channels_last")) and on_gpu
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    aug = cfg["augment"]
-    supervision = Supervision(sup_cfg["kind"], num_classes, tuple(model.token_grid), cfg["label_smoothing"],
-                              sup_cfg["token_weight"], sup_cfg["cls_target"], sup_cfg["absent_classes"],
-                              mix=aug["mix"], mix_alpha=aug["mix_alpha"], mix_token=aug["mix_token"],
-                              align=sup_cfg["align"], align_layers=tuple(sup_cfg["align_layers"]),
-                              align_target=sup_cfg["align_target"])
+    supervision = Supervision.from_config(cfg, num_classes, model.token_grid)
     modes = ("cls_plus_aux", "cls") if supervision.dense else ("cls",)
     net = TrainForward(model)
     if env.enabled:

@@ -119,12 +119,7 @@ class StepRunner:
         self.channels_last = channels_last
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
-        sup, aug = cfg["supervision"], cfg["augment"]
-        self.supervision = Supervision(sup["kind"], num_classes, tuple(model.token_grid), cfg["label_smoothing"],
-                                       sup["token_weight"], sup["cls_target"], sup["absent_classes"],
-                                       mix=aug["mix"], mix_alpha=aug["mix_alpha"], mix_token=aug["mix_token"],
-                                       align=sup["align"], align_layers=tuple(sup["align_layers"]),
-                                       align_target=sup["align_target"])
+        self.supervision = Supervision.from_config(cfg, num_classes, model.token_grid)
         self.model, self.net = model, TrainForward(model)
         self.optimizer = create_optimizer_v2(model, "adamw", lr=lr_for(cfg, batch_size), weight_decay=cfg["weight_decay"])
         self.scheduler, _ = create_scheduler_v2(self.optimizer, "cosine", num_epochs=cfg["epochs"],
