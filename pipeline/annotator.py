@@ -8,10 +8,11 @@ import time
 import torch
 
 from pipeline import run_stage
-from tlvit.config import load_params, preset_section
+from tlvit.config import ConfigError, load_params, preset_section
+from tlvit.data.canvases import load_gt_maps
 from tlvit.data.datasets import DenseLabelDataset, EvalGeometry, TrainGeometry
 from tlvit.io import save_torch_atomic, write_json
-from tlvit.labels.annotator import build_annotator, file_sha256, image_accuracy, train_annotator
+from tlvit.labels.annotator import build_annotator, cell_targets, dense_logits, file_sha256, image_accuracy, train_annotator
 from tlvit.layout import Layout
 from tlvit.train import DATA_STATS
 
@@ -33,17 +34,34 @@ def main(argv=None) -> None:
     torch.manual_seed(cfg["seed"])
     model = build_annotator(cfg["model"], num_classes, cfg["pretrained"], cfg["checkpoint"])
     t0, history = time.time(), []
+    targets = cfg.get("targets", "image")
+    if targets not in ("image", "composition"):
+        raise ConfigError(f"{args.params}: presets.{params['preset']}.annotator.targets must be 'image' or 'composition', "
+                          f"not {targets!r}")
     if cfg["epochs"] > 0 and cfg["train_split"]:
-        # crops (not whole images): the annotator must label what is under each location, not the image
-        geometry = TrainGeometry(cfg["train_size"], tuple(cfg["crop_scale"]), hflip=0.0)
-        train_ds = DenseLabelDataset(data["root"], cfg["train_split"], geometry, mean, std)
+        cells = None
+        if targets == "composition":
+            # whole canvases at their own size: each map location then covers a fixed cell of the label map
+            train_ds = DenseLabelDataset(data["root"], cfg["train_split"], EvalGeometry(cfg["train_size"]), mean, std)
+            paths, gt_maps, _ = load_gt_maps(data["root"], cfg["train_split"])
+            if list(paths) != list(train_ds.paths):
+                raise ConfigError(f"{data['root']}/gt_maps_{cfg['train_split']}.npz does not list the split's images; "
+                                  "regenerate it with `dvc repro data --force`")
+            with torch.no_grad():
+                grid = tuple(dense_logits(model.eval(), train_ds[0]["image"][None]).shape[2:])
+            cells = cell_targets(gt_maps, grid)
+        else:
+            # crops (not whole images): the annotator must label what is under each location, not the image
+            geometry = TrainGeometry(cfg["train_size"], tuple(cfg["crop_scale"]), hflip=0.0)
+            train_ds = DenseLabelDataset(data["root"], cfg["train_split"], geometry, mean, std)
         history = train_annotator(model, train_ds, epochs=cfg["epochs"], batch_size=cfg["batch_size"], lr=cfg["lr"],
-                                  weight_decay=cfg["weight_decay"], seed=cfg["seed"], dense=cfg["dense_loss"])
+                                  weight_decay=cfg["weight_decay"], seed=cfg["seed"], dense=cfg["dense_loss"], cells=cells)
     weights = out / "model.pth"
     save_torch_atomic(model.state_dict(), weights)
     top1 = image_accuracy(model, val)
     meta = {"model": cfg["model"], "num_classes": num_classes, "input_size": size, "weights": str(weights),
             "weights_sha256": file_sha256(weights), "trained_on": cfg["train_split"] if history else None,
+            "targets": targets if history else None,
             "source": "trained here" if history else ("checkpoint " + str(cfg["checkpoint"]) if cfg["checkpoint"] else "timm pretrained")}
     write_json(out / "annotator.json", {**meta, "history": history})
     write_json(layout.metrics_dir / "annotator.json", {"val_top1": round(top1, 3), "train_time_s": round(time.time() - t0, 1),

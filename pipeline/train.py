@@ -1,4 +1,4 @@
-"""Stage `train@<row>`: every seed of one row, then the row's metrics (mean over seeds + provenance)."""
+"""Stages `train@<row>` and `finetune@<row>`: every seed of one row, then the row's metrics (mean over seeds + provenance)."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +6,7 @@ import logging
 import statistics
 
 from pipeline import run_stage
-from tlvit.config import ConfigError, config_hash, load_params, preset_section, resolve_run_config
+from tlvit.config import ConfigError, check_row_stage, config_hash, load_params, preset_section, resolve_run_config
 from tlvit.io import write_json
 from tlvit.layout import Layout
 from tlvit.tables import experiment_for_row
@@ -39,19 +39,25 @@ def run_row(row: str, params_path: str = "params.yaml", rows_path: str = "experi
         inputs = RunInputs(data["root"], data["kind"], layout.score_maps(source, "train"), init_checkpoint=parent_ckpt)
         runs.append(train(cfg, seed, layout.run_dir(row, seed), inputs, show_progress=show_progress,
                           experiment=experiment, tags=tags))
+    metrics = row_metrics(row, params["preset"], config_hash(cfg), runs)
+    write_json(layout.row_metrics(row), metrics)
+    return metrics
+
+
+def row_metrics(row: str, preset: str, chash: str, runs: list[dict]) -> dict:
+    """The row metrics file from the seeds' `train` results: mean over seeds, per-seed provenance, curves."""
     top1 = [r["top1"] for r in runs]
-    metrics = {
-        "row": row, "preset": params["preset"], "config_hash": config_hash(cfg), "n_seeds": len(runs),
+    return {
+        "row": row, "preset": preset, "config_hash": chash, "n_seeds": len(runs),
         "top1": round(statistics.fmean(top1), 3),
         "top1_std": round(statistics.stdev(top1), 3) if len(top1) > 1 else None,
         "runs": [{k: r[k] for k in ("seed", "top1", "top5", "top1_raw", "top1_ema", "mlflow_run_id", "git_commit",
                                     "train_time_s", "images_per_s", "epochs")} | ({"top1_cls_only": r["top1_cls_only"]}
                                     if "top1_cls_only" in r else {}) for r in runs],
-        # per-epoch curves for the report (kept here so the report depends on metrics only)
+        # per-epoch curves: the recorded copy of what MLflow holds. DVC tracks this file, so a changed run re-runs
+        # the report; the report draws from MLflow when it can and checks that the two agree.
         "curves": [{"seed": r["seed"], **r["curves"]} for r in runs],
     }
-    write_json(layout.row_metrics(row), metrics)
-    return metrics
 
 
 def main(argv=None) -> None:
@@ -59,8 +65,10 @@ def main(argv=None) -> None:
     ap.add_argument("--row", required=True)
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--rows", default="experiments/rows.yaml")
+    ap.add_argument("--parent", default=None, help="finetune@<row> stages: the parent row (params.yaml `finetunes`)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    check_row_stage(load_params(args.params), args.row, args.parent, rows_path=args.rows, params_path=args.params)
     m = run_row(args.row, args.params, args.rows)
     print(f"train@{args.row}: top-1 {m['top1']} over {m['n_seeds']} seed(s)")
 

@@ -109,6 +109,23 @@ def test_step_quick(tmp_path):
     assert rec["settings"]["amp_dtype"] is None  # the CPU trains in float32, as tlvit.train does
 
 
+def test_step_runner_is_the_training_state_train_builds():
+    import torch
+
+    from tlvit.bench.step import StepRunner, Variant, default_paths, variant_config
+    from tlvit.train import build_training_state
+
+    cfg = variant_config(Variant("tl", "tl", "lvvit_s_token_labeling"), "smoke", *default_paths())
+    cpu = torch.device("cpu")
+    runner = StepRunner(cfg, 10, 8, cpu)
+    ref = build_training_state(cfg, 10, cpu, global_batch=8, steps_per_epoch=1000, seed=0)
+    assert type(runner.state) is type(ref) and runner.state.lr == ref.lr and runner.state.supervision == ref.supervision
+    assert {k: v for k, v in runner.state.step_kwargs().items() if k != "ema"} == \
+        {k: v for k, v in ref.step_kwargs().items() if k != "ema"}
+    ours, theirs = runner.state.model.state_dict(), ref.model.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
 def test_step_batches_match_the_loader_format():
     from tlvit.bench.step import synthetic_batches
 

@@ -8,7 +8,7 @@ from PIL import Image
 from tlvit.data.canvases import BACKGROUND, CanvasSpec, load_gt_maps, load_source_digits, write_canvases
 from tlvit.data.datasets import index_split
 
-SPEC = CanvasSpec(train=60, val=20, single=20, seed=3)
+SPEC = CanvasSpec(train=60, val=20, single=20, composed=30, seed=3)
 
 
 def digest(root):
@@ -64,3 +64,32 @@ def test_single_digit_canvases(canvases):
     assert maps.shape[1:] == (SPEC.single_canvas_size,) * 2
     for gt, label in zip(maps, labels):
         assert set(np.unique(gt)) - {BACKGROUND} == {label}
+
+
+def test_composed_split_is_new_canvases_of_train_digits_and_leaves_the_others_unchanged(canvases, tmp_path):
+    """The annotator's composed canvases: multi-digit like `train`, but other compositions; adding the
+    split changes no byte of the other splits (each split draws from its own stream)."""
+    paths, maps, labels = load_gt_maps(canvases, "composed")
+    assert len(paths) == 30 and maps.shape[1:] == (64, 64)
+    assert all(len(set(np.unique(gt)) - {BACKGROUND}) >= 2 for gt in maps)
+    _, train_maps, _ = load_gt_maps(canvases, "train")
+    assert not any((m == t).all() for m in maps for t in train_maps)
+    without = tmp_path / "without"
+    write_canvases(without, CanvasSpec(train=60, val=20, single=20, composed=0, seed=3))
+    assert not (without / "composed").exists()
+    for split in ("train", "val", "single"):
+        assert digest(without / split) == digest(canvases / split)
+
+
+def test_cell_targets_name_the_digit_with_most_ink_and_ignore_background():
+    from tlvit.labels.annotator import IGNORE, cell_targets
+
+    gt = np.full((1, 8, 8), BACKGROUND, np.uint8)
+    gt[0, 0:2, 0:3] = 3  # top-left cell: 6 pixels of a 3 ...
+    gt[0, 0, 3] = 5      # ... and 1 of a 5
+    gt[0, 4:8, 4:8] = 7  # bottom-right: 15 pixels of a 7 and 1 of a 2
+    gt[0, 5, 5] = 2
+    gt[0, 7, 0] = 4      # bottom-left: a single pixel of a 4 still labels its cell
+    assert cell_targets(gt, (2, 2)).tolist() == [[[3, IGNORE], [4, 7]]]
+    with pytest.raises(ValueError, match="whole cells"):
+        cell_targets(gt, (3, 3))

@@ -96,3 +96,54 @@ def test_model_recipe_applies_unless_the_row_sets_the_key(tmp_path):
     assert d["model"] == "tlvit_deit_small_patch16_224" and d["ema_decay"] is None
     e = resolve_run_config(params, "d", preset="embedded", rows_path=rows, params_path=PARAMS)
     assert e["model"] == "deit_e" and e["ema_decay"] == params["presets"]["embedded"]["train"]["ema_decay"]
+
+
+# ----------------------------------------------------------------------------- fine-tunes as their own stages
+def test_finetunes_need_their_parent_and_the_right_stage():
+    from tlvit.config import check_row_stage, pipeline_rows
+
+    params = {"rows": ["lvvit_s_token_labeling"], "finetunes": {"lvvit_s_token_labeling_384": "lvvit_s_token_labeling"}}
+    assert pipeline_rows(params) == {"lvvit_s_token_labeling": None, "lvvit_s_token_labeling_384": "lvvit_s_token_labeling"}
+    with pytest.raises(ConfigError, match=r"params.yaml: fine-tune 'x' starts from 'missing', which is in neither"):
+        pipeline_rows({"rows": ["a"], "finetunes": {"x": "missing"}})
+    with pytest.raises(ConfigError, match=r"rows \['a'\] are in both"):
+        pipeline_rows({"rows": ["a"], "finetunes": {"a": "a"}})
+    with pytest.raises(ConfigError, match=r"must map a fine-tune row to its parent"):
+        pipeline_rows({"rows": ["a"], "finetunes": ["a"]})
+    check = lambda row, parent: check_row_stage(params, row, parent, rows_path=ROWS)  # noqa: E731
+    check("lvvit_s_token_labeling_384", "lvvit_s_token_labeling")
+    check("lvvit_s_baseline", None)
+    with pytest.raises(ConfigError, match=r"list it under `finetunes: \{lvvit_s_token_labeling_384: lvvit_s_token_labeling\}`"):
+        check("lvvit_s_token_labeling_384", None)  # in `rows`: no DVC edge to the parent
+    with pytest.raises(ConfigError, match=r"no init_from for it"):
+        check("lvvit_s_baseline", "lvvit_s_relabel")
+    with pytest.raises(ConfigError, match=r"says init_from 'lvvit_s_token_labeling'; make them agree"):
+        check("lvvit_s_token_labeling_384", "lvvit_s_baseline")
+
+
+def test_finetune_stage_runs_what_train_runs_after_its_parent():
+    """dvc.yaml's finetune stage is the train stage plus the parent's metrics (the DVC edge), nothing less."""
+    import yaml
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    train, finetune = stages["train"]["do"], stages["finetune"]["do"]
+    sub = lambda deps: [d.replace("${item}", "${key}") if isinstance(d, str) else d for d in deps]  # noqa: E731
+    assert finetune["deps"] == sub(train["deps"]) + ["metrics/${preset}/rows/${item}.json"]
+    assert finetune["params"][:2] == train["params"][:2]
+    assert finetune["cmd"] == "python -m pipeline.train --row ${key} --parent ${item}"
+    assert finetune["metrics"] == [{"metrics/${preset}/rows/${key}.json": {"cache": False}}]
+
+
+def test_dvc_orders_a_finetune_after_its_parent(tmp_path):
+    """Real DVC on a copy of the repository: the fine-tune's stage depends on its parent's stage."""
+    import json
+    import sys
+
+    from tests.repo_copy import committed_copy, sh
+
+    edit = lambda t: t.replace("finetunes: {}", "finetunes: {lvvit_s_token_labeling_384: lvvit_s_token_labeling}")  # noqa: E731
+    repo, env = committed_copy(tmp_path, edit)
+    dot = sh([sys.executable, "-m", "dvc", "dag", "--dot", "finetune@lvvit_s_token_labeling_384"], repo, env).stdout
+    assert '"train@lvvit_s_token_labeling" -> "finetune@lvvit_s_token_labeling_384"' in dot
+    status = sh([sys.executable, "-m", "dvc", "status", "--json", "finetune@lvvit_s_token_labeling_384"], repo, env).stdout
+    assert "finetune@lvvit_s_token_labeling_384" in json.loads(status[status.index("{"):])

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import socket
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -25,12 +26,13 @@ def _rank(rank: int, world: int, port: int, cfg: dict, run_dir: str, inputs) -> 
     torch.distributed.destroy_process_group()
 
 
-def test_two_gloo_processes_match_one_process(tiny_data, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("repeated_aug", [0, 3])  # DeiT's repeated augmentation: each copy augmented alike in both
+def test_two_gloo_processes_match_one_process(tiny_data, tmp_path, repeated_aug):  # noqa: F811
     # deit_e: LayerNorm only (BatchNorm statistics of half-batches would differ); no mixing (a partner
     # is taken inside each process's batch, so mixing pairs differ by construction)
     cfg = tiny_cfg("ce", epochs=2)
     cfg.update(model="deit_e", model_kwargs={"depth": 1, "embed_dim": 24, "num_heads": 2}, batch_size=16,
-               rand_augment="rand-m9-mstd0.5-inc1", reprob=0.25)
+               rand_augment="rand-m9-mstd0.5-inc1", reprob=0.25, repeated_aug=repeated_aug)
     torch.set_num_threads(1)
     single = train(dict(cfg, batch_size=32), 0, tmp_path / "one", tiny_data, device="cpu", tracking=False,
                    show_progress=False)

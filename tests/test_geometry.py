@@ -158,3 +158,15 @@ def test_clipped_regions_carry_no_label():
     cells, _ = resample_label_maps(maps, theta, (2, 2), clips=shift[None, None])
     assert cells[0, :, 0, 0].argmax().item() == 0  # left cell: the crop's right part, still class 0
     assert torch.allclose(cells[0, :, 0, 1], torch.full((4,), 0.25, dtype=torch.double))  # fill: uniform
+
+
+def test_partly_clipped_cells_stay_distributions():
+    """A clip through the middle of a cell: its clipped samples lose mass and weight alike (until 3f2c4f3
+    only the weight, so such a cell, and the pooled label, summed to more than 1)."""
+    maps = quadrant_maps(8, 8)
+    theta = torch.eye(2, 3, dtype=torch.double)[None]
+    shift = torch.tensor([[1.0, 0, 0.5], [0, 1.0, 0]], dtype=torch.double)  # clips the right quarter of the output
+    cells, pooled = resample_label_maps(maps, theta, (2, 2), clips=shift[None, None])
+    assert torch.allclose(cells.sum(1), torch.ones(1, 2, 2, dtype=torch.double))
+    assert torch.allclose(cells[0, :, 0, 1], torch.tensor([0.0, 1, 0, 0], dtype=torch.double))  # what is left: class 1
+    assert torch.allclose(pooled, torch.tensor([[1 / 3, 1 / 6, 1 / 3, 1 / 6]], dtype=torch.double))

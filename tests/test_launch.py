@@ -229,6 +229,19 @@ def test_plan_launch_needs_upstream_and_skips_up_to_date_or_running_rows(tmp_pat
     assert dict(skipped) == {"a": "up to date in dvc.lock", "b": "job 41_0 RUNNING"}
 
 
+def test_a_finetune_waits_for_a_stale_parent(tmp_path):
+    repo = make_tiny_repo(tmp_path / "repo", {"a": {}, "b": {"label_smoothing": 0.2}}, per_class=1)
+    rows = yaml.safe_load((repo / "experiments" / "rows.yaml").read_text())
+    rows["b"]["init_from"] = "a"
+    (repo / "experiments" / "rows.yaml").write_text(yaml.safe_dump(rows))
+    params = load_params(repo / "params.yaml")
+    params["rows"], params["finetunes"] = ["a"], {"b": "a"}
+    submit, skipped = plan_launch(params, ["a", "b"], repo, "experiments/rows.yaml", "params.yaml", DvcStatus(["a", "b"], []))
+    assert submit == ["a"] and dict(skipped)["b"].startswith("fine-tune of a, which is stale too")
+    submit, _ = plan_launch(params, ["a", "b"], repo, "experiments/rows.yaml", "params.yaml", DvcStatus(["b"], []))
+    assert submit == ["b"]  # the parent is recorded: its weights exist
+
+
 def test_dvc_status_parsing(tmp_path):
     from tlvit.launch import launcher
 
@@ -237,6 +250,11 @@ def test_dvc_status_parsing(tmp_path):
         st = launcher.dvc_status(["a", "b"], tmp_path)
     assert (st.stale_rows, st.stale_upstream) == (["a"], ["scoremaps"])
     assert run.call_args.args[0][-5:] == ["status", "--json", "--with-deps", "train@a", "train@b"]
+    out = json.dumps({"finetune@b": [{"changed deps": {}}]})
+    with mock.patch.object(launcher.subprocess, "run", return_value=mock.Mock(returncode=0, stdout=out, stderr="")) as run:
+        st = launcher.dvc_status(["a", "b"], tmp_path, {"a": None, "b": "a"})
+    assert (st.stale_rows, st.stale_upstream) == (["b"], [])
+    assert run.call_args.args[0][-2:] == ["train@a", "finetune@b"]
 
 
 def test_launch_submits_all_rows_in_one_batch_and_records_each(tmp_path):

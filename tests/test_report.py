@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tlvit.config import config_hash, load_params, load_rows, resolve_run_config
+from tlvit.config import config_hash, load_params, load_rows, pipeline_rows, resolve_run_config
 from tlvit.layout import Layout
 from tlvit.report import build_report
 from tlvit.report.stats import diff_ci95, ci95, t95, verdict
@@ -121,10 +121,22 @@ def test_rows_cli_writes_params(tmp_path):
     args = parser.parse_args(["rows", "--all", "--params", str(params), "--rows-file", str(ROWS), "--tables", str(TABLES),
                               "--preset", "embedded", "--write"])
     assert args.func(args) == 0
-    written = load_params(params)["rows"]
-    assert written == all_rows(load_params(PARAMS), "embedded", TABLES, ROWS, PARAMS)
-    assert params.read_text().replace(f"rows: [{', '.join(written)}]", "") == \
-        PARAMS.read_text().replace(f"rows: [{', '.join(load_params(PARAMS)['rows'])}]", "")
+    written = load_params(params)
+    expected = all_rows(load_params(PARAMS), "embedded", TABLES, ROWS, PARAMS)
+    # fine-tunes go to `finetunes` (their own DVC stages, after the parent), the rest to `rows`; none lost
+    assert list(pipeline_rows(written)) == [r for r in expected if r not in written["finetunes"]] + list(written["finetunes"])
+    assert sorted(pipeline_rows(written)) == sorted(expected)
+    assert written["finetunes"] == {"lvvit_s_token_labeling_384": "lvvit_s_token_labeling", "deit_b_tlalign": "deit_b_cutmix"}
+    strip = lambda text, p: text.replace(f"rows: [{', '.join(p['rows'])}]", "").replace(  # noqa: E731
+        "finetunes: {" + ", ".join(f"{k}: {v}" for k, v in p["finetunes"].items()) + "}", "")
+    assert strip(params.read_text(), written) == strip(PARAMS.read_text(), load_params(PARAMS))
+
+
+def test_set_finetunes_in_params_added_when_missing():
+    out = set_rows_in_params("preset: e\nrows: [a]\nlauncher: {}\n", ["a"], {"b": "a"})
+    assert out == "preset: e\nrows: [a]\nfinetunes: {b: a}\nlauncher: {}\n"
+    block = "rows: [a]\nfinetunes:\n  x: a\nlauncher: {}\n"
+    assert set_rows_in_params(block, ["a", "c"], {"d": "c"}) == "rows: [a, c]\nfinetunes: {d: c}\nlauncher: {}\n"
 
 
 # ------------------------------------------------------------------------------------------ statistics

@@ -115,3 +115,21 @@ def test_corrupt_image_names_the_file(tmp_path):
     ds = DenseLabelDataset(root, "train", EvalGeometry(32), (0.5,) * 3, (0.25,) * 3)
     with pytest.raises(Exception, match=r"a/1.png: cannot read image"):
         ds[1]
+
+
+def test_composition_targets_train_each_location_on_its_own_cell(tmp_path):
+    """With cell labels the dense loss reads each location's own label (IGNORE: no loss), not the image's."""
+    from tlvit.labels.annotator import IGNORE, train_annotator
+
+    root = make_imagefolder(tmp_path / "data", n_per_class=4, size=(32, 32))
+    ds = DenseLabelDataset(root, "train", EvalGeometry(32), (0.5,) * 3, (0.25,) * 3)
+    torch.manual_seed(0)
+    model = build_annotator("annotator_cnn", num_classes=2)
+    cells = torch.full((len(ds), 8, 8), IGNORE)
+    cells[:, :, :4] = 1  # left half says class 1 whatever the image label; right half carries no label
+    train_annotator(model, ds, epochs=8, batch_size=8, lr=1e-2, weight_decay=0.0, seed=0, cells=cells, log=lambda *_: None)
+    pred = dense_logits(model.eval(), torch.stack([ds[i]["image"] for i in range(len(ds))])).argmax(1)
+    assert (pred[:, :, :4] == 1).float().mean() > 0.95  # learnt from the cells, although half the images are class 0
+    with pytest.raises(ValueError, match=r"does not match the label cells \(4, 4\)"):
+        train_annotator(model, ds, epochs=1, batch_size=8, lr=1e-2, weight_decay=0.0, seed=0,
+                        cells=torch.zeros(len(ds), 4, 4, dtype=torch.long), log=lambda *_: None)

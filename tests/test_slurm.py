@@ -136,7 +136,7 @@ def test_one_row_end_to_end(slurm_env, tmp_path, monkeypatch):
 
 
 def test_failed_job_is_resubmitted_once_and_never_recorded_as_done(slurm_env, tmp_path, monkeypatch):
-    repo = make_tiny_repo(tmp_path / "repo", {"bad": {"model": "no_such_model"}}, epochs=1, per_class=4,
+    repo = make_tiny_repo(tmp_path / "repo", {"bad": {"model": "no_such_model"}}, epochs=1, per_class=8,
                           launcher=slurm_launcher(tmp_path))
     t0 = time.time()
     (record,) = launch_rows(["bad"], workdir=repo)

@@ -1,6 +1,5 @@
 """TL-Align label propagation against hand-computed tensors and a real tiny DeiT."""
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 
@@ -152,16 +151,6 @@ def test_misuse_is_refused():
         al(0, torch.eye(5).expand(2, 5, 5))  # a reused aligner
     with pytest.raises(ValueError):
         al(1, torch.eye(4).expand(2, 4, 4))
-
-
-@pytest.fixture(scope="module")
-def deit():
-    torch.manual_seed(0)
-    model = timm.create_model("deit_e", num_classes=10, img_size=32)  # 4x4 grid of 8x8 patches, 3 blocks
-    with torch.no_grad():
-        for block in model.blocks:  # sharpen attention: near-uniform at init, it would hide any alignment
-            block.attn.qkv.weight.mul_(40)
-    return model.eval()
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -113,3 +113,47 @@ def config_hash(cfg: dict) -> str:
     """Stable short hash of a resolved config (the run's identity, seed excluded)."""
     blob = json.dumps({k: v for k, v in cfg.items() if k not in ("seed", "row")}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def pipeline_rows(params: dict, params_path: str | Path = "params.yaml") -> dict[str, str | None]:
+    """Every row `dvc repro` trains -> the row it is fine-tuned from (None: trained from scratch).
+
+    params.yaml `rows` lists rows trained from scratch (stages `train@<row>`), `finetunes` maps a
+    fine-tune row to its parent (stages `finetune@<row>`, which depend on the parent's metrics so DVC
+    trains the parent first). Parents first, in the order written.
+    """
+    rows = list(params.get("rows") or [])
+    finetunes = params.get("finetunes") or {}
+    if not isinstance(finetunes, dict):
+        raise ConfigError(f"{params_path}: `finetunes` must map a fine-tune row to its parent row, e.g. "
+                          "`finetunes: {lvvit_s_384: lvvit_s_token_labeling}`")
+    both = sorted(set(rows) & set(finetunes))
+    if both:
+        raise ConfigError(f"{params_path}: rows {both} are in both `rows` and `finetunes`; keep each in one")
+    out: dict[str, str | None] = {r: None for r in rows}
+    for row, parent in finetunes.items():
+        if parent not in out and parent not in finetunes:
+            raise ConfigError(f"{params_path}: fine-tune {row!r} starts from {parent!r}, which is in neither `rows` nor "
+                              "`finetunes`; add the parent (DVC must train it first)")
+        out[row] = parent
+    return out
+
+
+def check_row_stage(params: dict, row: str, parent: str | None, *, rows_path: str | Path = "experiments/rows.yaml",
+                    params_path: str | Path = "params.yaml") -> None:
+    """The stage running `row` (train@ when parent is None, finetune@ otherwise) agrees with rows.yaml's init_from.
+
+    A fine-tune listed under `rows` would have no DVC edge to its parent (it could run first, or on
+    stale weights); a parent named differently in params.yaml and rows.yaml is a typo in one of them.
+    """
+    declared = (load_rows(rows_path).get(row) or {}).get("init_from")
+    if declared == parent:
+        return
+    if parent is None:
+        raise ConfigError(f"{params_path}: row {row!r} is fine-tuned from {declared!r} ({rows_path} init_from): list it "
+                          f"under `finetunes: {{{row}: {declared}}}` instead of `rows`, so that DVC trains it after its parent")
+    if declared is None:
+        raise ConfigError(f"{params_path}: `finetunes` gives row {row!r} the parent {parent!r}, but {rows_path} has no "
+                          f"init_from for it: move it to `rows`, or add `init_from: {parent}` to the row")
+    raise ConfigError(f"{params_path}: `finetunes` gives row {row!r} the parent {parent!r}, {rows_path} says init_from "
+                      f"{declared!r}; make them agree")

@@ -1,4 +1,4 @@
-"""`tlvit rows`: which training rows fill the papers' tables (for params.yaml `rows`, which DVC's foreach runs)."""
+"""`tlvit rows`: which training rows fill the papers' tables (for params.yaml `rows` and `finetunes`, which DVC's foreach runs)."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +10,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("rows", help="list the rows that fill every table (or some tables); optionally write params.yaml `rows`",
                        description="Print the training rows the tables need under a preset: each configuration once "
                                    "(two row ids with the same config hash train once), `init_from` parents first. "
-                                   "--write puts the list into params.yaml `rows:` so that `dvc repro` trains them all.")
+                                   "--write puts them into params.yaml `rows:` (trained from scratch) and `finetunes:` "
+                                   "(row: parent) so that `dvc repro` trains them all, parents first.")
     p.add_argument("--all", action="store_true", help="the rows of every table (default when no --table is given)")
     p.add_argument("--table", action="append", default=[], metavar="KEY", help="only this table's rows, e.g. lvvit_table3 "
                    "(repeatable)")
@@ -18,7 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--rows-file", default="experiments/rows.yaml")
     p.add_argument("--tables", default="experiments/tables", help="table directory")
-    p.add_argument("--write", action="store_true", help="replace params.yaml `rows:` with the list (comments elsewhere kept)")
+    p.add_argument("--write", action="store_true", help="replace params.yaml `rows:` and `finetunes:` (comments elsewhere kept)")
     p.add_argument("--format", choices=("yaml", "lines"), default="yaml", help="yaml: `rows: [a, b]`; lines: one id a line")
     p.set_defaults(func=run)
 
@@ -28,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     import tempfile
 
     from tlvit.config import ConfigError, load_params
-    from tlvit.tables import all_rows, load_tables, set_rows_in_params
+    from tlvit.tables import all_rows, load_tables, set_rows_in_params, split_finetunes
 
     try:
         params = load_params(args.params)
@@ -45,13 +46,17 @@ def run(args: argparse.Namespace) -> int:
                 rows = all_rows(params, preset, tmp, args.rows_file, args.params)
         else:
             rows = all_rows(params, preset, tables_dir, args.rows_file, args.params)
+        scratch, finetunes = split_finetunes(rows, args.rows_file)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.write:
         path = Path(args.params)
-        path.write_text(set_rows_in_params(path.read_text(), rows))
-        print(f"{path}: rows = {len(rows)} rows for preset {preset}")
+        path.write_text(set_rows_in_params(path.read_text(), scratch, finetunes))
+        print(f"{path}: rows = {len(scratch)} rows, finetunes = {len(finetunes)} for preset {preset}")
         return 0
-    print("\n".join(rows) if args.format == "lines" else "rows: [" + ", ".join(rows) + "]")
+    if args.format == "lines":
+        print("\n".join(rows))
+    else:
+        print("rows: [" + ", ".join(scratch) + "]\nfinetunes: {" + ", ".join(f"{k}: {v}" for k, v in finetunes.items()) + "}")
     return 0

@@ -13,13 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from tlvit.labels.geometry import resample_label_maps
-from tlvit.labels.score_maps import topk_to_dense
+from tlvit.labels.score_maps import topk_label_maps
 from tlvit.losses import ClassTokenLoss, TokenLabelingLoss, smooth
 from tlvit.mixing import KINDS as MIX_KINDS
 from tlvit.mixing import mix_images, mix_targets, mix_token_targets
 from tlvit.models.mix_token import sample_token_box
 from tlvit.tl_align import VARIANTS as ALIGN_VARIANTS
-from tlvit.tl_align import LabelAligner, initial_labels
+from tlvit.tl_align import LabelAligner, initial_label_factors
 
 KINDS = ("ce", "relabel", "token_labeling")
 
@@ -76,8 +76,8 @@ class Supervision:
         label = F.one_hot(batch["label"].to(device), self.num_classes).float()
         if not self.needs_score_maps:
             return smooth(label, self.label_smoothing), None
-        maps = topk_to_dense(batch["topk_logits"].to(device), batch["topk_classes"].to(device), self.num_classes,
-                             self.absent_classes)
+        maps = topk_label_maps(batch["topk_logits"].to(device), batch["topk_classes"].to(device), self.num_classes,
+                               self.absent_classes)
         clips = batch["clips"].to(device) if "clips" in batch else None
         cells, pooled = resample_label_maps(maps, batch["theta"].to(device), self.token_grid, clips=clips)
         use_pooled = self.kind == "relabel" or self.cls_target == "annotator"
@@ -106,7 +106,7 @@ class Supervision:
                 token_target = mix_token_targets(token_target, mixed.token_own.to(x.device))
             if self.align != "none":
                 one_hot = F.one_hot(labels, self.num_classes).float()
-                aligner = LabelAligner(initial_labels(one_hot, mixed, self.label_smoothing), self.align,
+                aligner = LabelAligner(initial_label_factors(one_hot, mixed, self.label_smoothing), self.align,
                                        self.align_layers or None, smoothing=self.label_smoothing)
         if self.mix_token:
             box, lam = sample_token_box(self.token_grid, generator)

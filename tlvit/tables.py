@@ -194,10 +194,39 @@ def all_rows(params: dict, preset: str, tables_dir: str | Path = TABLES_DIR,
     return order
 
 
-def set_rows_in_params(text: str, rows: list[str]) -> str:
-    """params.yaml text with its top-level `rows:` replaced by `rows` (one flow list; comments elsewhere kept)."""
-    new = "rows: [" + ", ".join(rows) + "]"
-    pattern = re.compile(r"^rows:[ \t]*(\[[^\]]*\]|\n(?:[ \t]+-.*\n?)+|.*)$", re.M)
-    if not pattern.search(text):
-        raise ConfigError("params.yaml has no top-level `rows:` to replace")
-    return pattern.sub(lambda m: new + ("\n" if m.group(0).endswith("\n") else ""), text, count=1)
+def split_finetunes(order: list[str], rows_path: str | Path = "experiments/rows.yaml") -> tuple[list[str], dict[str, str]]:
+    """all_rows' list -> (params.yaml `rows`: trained from scratch, `finetunes`: row -> parent)."""
+    defined = load_rows(rows_path)
+    rows, finetunes = [], {}
+    for row in order:
+        parent = init_parent(row, rows=defined)
+        if parent is None:
+            rows.append(row)
+        elif parent not in rows and parent not in finetunes:  # its parent's config trains under another row id
+            raise ConfigError(f"{rows_path}: {row!r} starts from {parent!r}, whose config is trained under another row id; "
+                              f"point init_from at that row")
+        else:
+            finetunes[row] = parent
+    return rows, finetunes
+
+
+def set_rows_in_params(text: str, rows: list[str], finetunes: dict[str, str] | None = None) -> str:
+    """params.yaml text with its top-level `rows:` (and `finetunes:`) replaced; comments elsewhere kept."""
+    text = _set_top_level(text, "rows", "[" + ", ".join(rows) + "]", r"\[[^\]]*\]")
+    if finetunes is not None:
+        flow = "{" + ", ".join(f"{k}: {v}" for k, v in finetunes.items()) + "}"
+        text = _set_top_level(text, "finetunes", flow, r"\{[^}]*\}", after="rows")
+    return text
+
+
+def _set_top_level(text: str, key: str, flow: str, flow_pattern: str, after: str | None = None) -> str:
+    """Replace a top-level `key:` (flow or block style) by `key: flow`; add it after `after:` when missing."""
+    new = f"{key}: {flow}"
+    pattern = re.compile(rf"^{key}:[ \t]*({flow_pattern}|\n(?:[ \t]+.*\n?)+|.*)$", re.M)
+    if pattern.search(text):
+        return pattern.sub(lambda m: new + ("\n" if m.group(0).endswith("\n") else ""), text, count=1)
+    anchor = re.compile(rf"^{after}:.*$", re.M) if after else None
+    m = anchor.search(text) if anchor else None
+    if m is None:
+        raise ConfigError(f"params.yaml has no top-level `{key}:` to replace")
+    return text[:m.end()] + "\n" + new + text[m.end():]

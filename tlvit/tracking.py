@@ -8,6 +8,7 @@ could not even be created, its params and tags to `<run_dir>/tracking_pending.js
 replayed at the next successful connection of the training process, when the run is next opened
 (e.g. the `dvc repro` that collects a cluster job), or by `tlvit sync` (`sync_run_dir`). Training
 never stops or stalls for tracking: a server is probed with a short timeout before each attempt.
+`metric_history` reads a run's per-epoch metrics back (the report's training curves).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import os
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -290,3 +292,92 @@ def latest_metrics(run_dir: str | Path, keys: tuple[str, ...] = ("ema_val_top1",
                 last = max(hits, key=lambda r: r["step"])
                 return key, last["value"], last["step"]
     return best
+
+
+# ---------------------------------------------------------------------------- reading runs back
+class TrackingReadError(RuntimeError):
+    """A run's metrics could not be read from MLflow; the message names the run and the store."""
+
+    def __init__(self, run_id: str, uri: str, reason: str):
+        super().__init__(f"MLflow run {run_id} at {display_uri(uri)}: {reason}")
+        self.run_id, self.uri, self.reason = run_id, uri, reason
+
+
+class StoreUnreachable(TrackingReadError):
+    """The store did not answer (or does not exist): no other run of it can be read either."""
+
+
+class RunNotFound(TrackingReadError):
+    """The store answered but has no such run."""
+
+
+def display_uri(uri: str, root: str | Path | None = None) -> str:
+    """`uri` fit to print in logs and committed reports: no user:password, a SQLite path under `root` relative."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    if uri.startswith("sqlite:///") and root is not None:
+        path = Path(uri[len("sqlite:///"):])
+        try:
+            return f"sqlite:///{path.resolve().relative_to(Path(root).resolve())}"
+        except ValueError:
+            return uri
+    parts = urlsplit(uri)
+    if not (parts.username or parts.password):
+        return uri  # as given (a round trip through urlunsplit would turn sqlite://// into sqlite://)
+    return urlunsplit(parts._replace(netloc=(parts.hostname or "") + (f":{parts.port}" if parts.port else "")))
+
+
+def _missing_local_store(uri: str) -> Path | None:
+    """The path of a SQLite or file store that does not exist (MLflow would silently create an empty one)."""
+    from urllib.parse import urlsplit
+
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):].split("?")[0])
+        return None if path.is_file() else path
+    scheme = urlsplit(uri).scheme
+    if scheme in ("", "file") and not uri.startswith("databricks"):
+        path = Path(urlsplit(uri).path if scheme else uri)
+        return None if path.is_dir() else path
+    return None
+
+
+def metric_history(run_id: str, keys: Iterable[str], uri: str | None = None) -> dict[str, list[tuple[int, float]]]:
+    """Per key, the run's (step, value) points in MLflow sorted by step; [] for a key never logged.
+
+    One point per step, the last logged: an epoch re-trained after a kill (logged, then killed before its
+    checkpoint) is logged again, and the re-trained values are the ones training kept.
+    Raises StoreUnreachable / RunNotFound (both TrackingReadError, naming the run and the store). Reads only:
+    a missing SQLite file is reported, not created.
+    """
+    uri = uri or default_tracking_uri()
+    missing = _missing_local_store(uri)
+    if missing is not None:
+        raise StoreUnreachable(run_id, uri, "the store does not exist")
+    if uri.startswith(("http://", "https://")):
+        for k, v in HTTP_CLIENT_DEFAULTS.items():  # fail in seconds, not after minutes of retries
+            os.environ.setdefault(k, v)
+        if not server_reachable(uri):
+            raise StoreUnreachable(run_id, uri, f"no answer from its /health within {PROBE_TIMEOUT_S:.0f} s")
+    try:
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+    except ImportError:
+        raise StoreUnreachable(run_id, uri, "mlflow is not installed") from None
+    try:
+        client = MlflowClient(uri)
+        client.get_run(run_id)
+        out = {}
+        for key in keys:
+            last: dict[int, float] = {}
+            for m in sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp)):
+                last[int(m.step)] = float(m.value)
+            out[key] = sorted(last.items())
+        return out
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise RunNotFound(run_id, uri, "no such run") from e
+        if e.error_code in ("INVALID_PARAMETER_VALUE", "BAD_REQUEST"):  # the store answered; other runs may read
+            raise TrackingReadError(run_id, uri, str(e)) from e
+        raise StoreUnreachable(run_id, uri, f"{type(e).__name__}: {e}") from e
+    except Exception as e:  # a locked or corrupt database, a server that went away mid-read, ...
+        raise StoreUnreachable(run_id, uri, f"{type(e).__name__}: {e}") from e

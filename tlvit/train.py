@@ -11,10 +11,11 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from timm.data.random_erasing import RandomErasing
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data import DataLoader
 
 from tlvit.config import config_hash
 from tlvit.data.datasets import DenseLabelDataset, EvalGeometry, TrainGeometry, hash_seed
@@ -23,6 +24,7 @@ from tlvit.distributed import DistEnv, barrier, init_distributed
 from tlvit.engine import TrainForward, evaluate, train_one_epoch
 from tlvit.io import atomic_path, save_torch_atomic, write_json
 from tlvit.provenance import cluster_tags, git_commit, versions
+from tlvit.samplers import ShardSampler, train_sampler
 from tlvit.supervision import Supervision, needs_score_maps
 
 log = logging.getLogger(__name__)
@@ -51,9 +53,9 @@ def load_parent_weights(model: torch.nn.Module, cfg: dict, path: Path | None) ->
         raise FileNotFoundError(f"row {cfg.get('row')!r} fine-tunes row {parent!r}, whose checkpoint {path} does not exist: "
                                 f"run `dvc repro train@{parent}` first")
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if ckpt["config_hash"] != cfg["init_from_hash"] or ckpt["epoch"] != ckpt["config"]["epochs"]:
+    if ckpt["config_hash"] != cfg["init_from_hash"] or ckpt["epoch"] != scheduled_epochs(ckpt["config"]):
         raise ValueError(f"{path}: not the finished run of row {parent!r} under this config (hash {ckpt['config_hash']}, "
-                         f"epoch {ckpt['epoch']}/{ckpt['config']['epochs']}); run `dvc repro train@{parent}` first")
+                         f"epoch {ckpt['epoch']}/{scheduled_epochs(ckpt['config'])}); run `dvc repro train@{parent}` first")
     load_checkpoint_resized(model, reported_weights(ckpt))
 
 
@@ -63,19 +65,6 @@ def reported_weights(ckpt: dict) -> dict:
     if not ckpt.get("ema"):
         return ckpt["model"]
     return {k.removeprefix("module."): v for k, v in ckpt["ema"].items()}
-
-
-class ShardSampler(Sampler):
-    """Evaluation shard of a process: every world-th sample, no padding (counts are summed later)."""
-
-    def __init__(self, n: int, env: DistEnv):
-        self.idx = list(range(env.rank, n, env.world_size))
-
-    def __iter__(self):
-        return iter(self.idx)
-
-    def __len__(self) -> int:
-        return len(self.idx)
 
 
 def build_model(cfg: dict, num_classes: int) -> torch.nn.Module:
@@ -96,6 +85,89 @@ def lr_for(cfg: dict, global_batch: int) -> float:
     return cfg["lr"] * cfg.get("lr_scale", 1.0) * global_batch / base
 
 
+def amp_dtype_for(cfg: dict, device: torch.device) -> torch.dtype | None:
+    """The config's AMP dtype on a GPU; None (float32) on the CPU, so CPU runs stay exact."""
+    if device.type != "cuda":
+        return None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[cfg.get("amp")]
+
+
+def scheduled_epochs(cfg: dict) -> int:
+    """Epochs a run trains: the cosine schedule's, then `cooldown_epochs` at min_lr (timm's train.py, LV-ViT's)."""
+    return cfg["epochs"] + cfg.get("cooldown_epochs", 0)
+
+
+@dataclass
+class TrainingState:
+    """Everything one training step touches. train() and `tlvit bench step` both build it with
+    `build_training_state`, so the benchmark times exactly the step training runs."""
+
+    model: torch.nn.Module
+    net: torch.nn.Module  # what the step calls: TrainForward(model), in DDP when distributed
+    supervision: Supervision
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # timm CosineLRScheduler, stepped per update
+    num_epochs: int  # epochs to train, cool-down included (timm's count)
+    lr: float
+    ema: Any = None  # timm ModelEmaV3
+    scaler: torch.amp.GradScaler | None = None  # fp16 only
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
+    clip_grad: float | None = None
+
+    def step_kwargs(self) -> dict:
+        """The keyword arguments of `train_one_epoch` that the state decides."""
+        return {"ema": self.ema, "amp_dtype": self.amp_dtype, "scaler": self.scaler,
+                "channels_last": self.channels_last, "clip_grad": self.clip_grad}
+
+    def state_dict(self) -> dict:
+        """The checkpointed parts (the step count lives in the scheduler and the EMA)."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
+                "scaler": self.scaler.state_dict() if self.scaler else None}
+
+    def load_state_dict(self, ckpt: dict) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(ckpt["ema"])
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+
+
+def build_training_state(cfg: dict, num_classes: int, device: torch.device, *, global_batch: int, steps_per_epoch: int,
+                         seed: int, env: DistEnv = DistEnv()) -> TrainingState:
+    """Model, supervision, AdamW, cosine schedule (+ cool-down), EMA and AMP of a row, from its resolved config."""
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+    from timm.utils import ModelEmaV3
+
+    torch.manual_seed(seed)  # identical initial weights on every rank
+    model = build_model(cfg, num_classes).to(device)
+    # AMP and channels-last only where they pay: on a GPU (the CPU keeps float32, so CPU runs stay exact)
+    amp_dtype = amp_dtype_for(cfg, device)
+    channels_last = bool(cfg.get("channels_last")) and device.type == "cuda"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    supervision = Supervision.from_config(cfg, num_classes, model.token_grid)
+    net = TrainForward(model)
+    if env.enabled:
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[env.local_rank] if device.type == "cuda" else None)
+    lr = lr_for(cfg, global_batch)
+    optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=cfg["weight_decay"])
+    # cosine over `epochs`, then held at min_lr for `cooldown_epochs`: timm counts both into num_epochs
+    scheduler, num_epochs = create_scheduler_v2(optimizer, "cosine", num_epochs=cfg["epochs"],
+                                                warmup_epochs=cfg["warmup_epochs"], warmup_lr=cfg["warmup_lr"],
+                                                min_lr=cfg["min_lr"], cooldown_epochs=cfg.get("cooldown_epochs", 0),
+                                                step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+    return TrainingState(
+        model=model, net=net, supervision=supervision, optimizer=optimizer, scheduler=scheduler, num_epochs=num_epochs,
+        lr=lr, ema=ModelEmaV3(model, decay=cfg["ema_decay"]) if cfg.get("ema_decay") else None,
+        scaler=torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None,  # fp16 needs loss scaling
+        amp_dtype=amp_dtype, channels_last=channels_last, clip_grad=cfg.get("clip_grad"))
+
+
 def train(cfg: dict, seed: int, run_dir: str | Path, inputs: RunInputs, *, device: str | None = None,
           tracking: bool = True, experiment: str | None = None, tags: dict | None = None,
           show_progress: bool = True, stop_after_epochs: int | None = None) -> dict:
@@ -103,8 +175,6 @@ def train(cfg: dict, seed: int, run_dir: str | Path, inputs: RunInputs, *, devic
 
     stop_after_epochs: return after that many epochs in total (tests of resume); the run stays resumable.
     """
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
     from timm.utils import ModelEmaV3
 
     from tlvit.tracking import open_tracker
@@ -131,31 +201,15 @@ def train(cfg: dict, seed: int, run_dir: str | Path, inputs: RunInputs, *, devic
     num_classes = len(train_ds.classes)
 
     # ---------------------------------------------------------------- model, supervision, optimizer
-    torch.manual_seed(seed)  # identical initial weights on every rank
-    model = build_model(cfg, num_classes).to(dev)
-    # AMP and channels-last only where they pay: on a GPU (the CPU keeps float32, so CPU runs stay exact)
-    on_gpu = dev.type == "cuda"
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[cfg.get("amp") if on_gpu else None]
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    channels_last = bool(cfg.get("channels_last")) and on_gpu
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    supervision = Supervision.from_config(cfg, num_classes, model.token_grid)
-    modes = ("cls_plus_aux", "cls") if supervision.dense else ("cls",)
-    net = TrainForward(model)
-    if env.enabled:
-        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[env.local_rank] if dev.type == "cuda" else None)
-    global_batch = cfg["batch_size"] * env.world_size
-    lr = lr_for(cfg, global_batch)
-    optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=cfg["weight_decay"])
-    sampler = DistributedSampler(train_ds, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=seed, drop_last=True)
+    sampler = train_sampler(train_ds, cfg, env, seed)
     steps_per_epoch = len(sampler) // cfg["batch_size"]
     if steps_per_epoch == 0:
         raise ValueError(f"{inputs.data_root}/train: {len(train_ds)} images give no full batch of {cfg['batch_size']}")
-    scheduler, _ = create_scheduler_v2(optimizer, "cosine", num_epochs=cfg["epochs"], warmup_epochs=cfg["warmup_epochs"],
-                                       warmup_lr=cfg["warmup_lr"], min_lr=cfg["min_lr"], step_on_epochs=False,
-                                       updates_per_epoch=steps_per_epoch)
-    ema = ModelEmaV3(model, decay=cfg["ema_decay"]) if cfg.get("ema_decay") else None
+    global_batch = cfg["batch_size"] * env.world_size
+    state = build_training_state(cfg, num_classes, dev, global_batch=global_batch, steps_per_epoch=steps_per_epoch,
+                                 seed=seed, env=env)
+    model, lr, num_epochs = state.model, state.lr, state.num_epochs
+    modes = ("cls_plus_aux", "cls") if state.supervision.dense else ("cls",)
 
     # ---------------------------------------------------------------- resume
     ckpt_path = run_dir / "checkpoint.pt"
@@ -163,13 +217,7 @@ def train(cfg: dict, seed: int, run_dir: str | Path, inputs: RunInputs, *, devic
     if ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location=dev, weights_only=False)
         if ckpt["config_hash"] == chash and ckpt["seed"] == seed:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            if ema is not None:
-                ema.load_state_dict(ckpt["ema"])
-            if scaler is not None and ckpt.get("scaler"):
-                scaler.load_state_dict(ckpt["scaler"])
+            state.load_state_dict(ckpt)
             start_epoch, history = ckpt["epoch"], ckpt["history"]
             time_before = ckpt.get("train_time_s", 0.0)
             log.info("resuming %s from epoch %d", run_dir, start_epoch)
@@ -177,8 +225,8 @@ def train(cfg: dict, seed: int, run_dir: str | Path, inputs: RunInputs, *, devic
             ckpt_path.rename(run_dir / f"checkpoint.{ckpt['config_hash']}.stale.pt")
     if start_epoch == 0 and cfg.get("init_from"):
         load_parent_weights(model, cfg, inputs.init_checkpoint)
-        if ema is not None:
-            ema = ModelEmaV3(model, decay=cfg["ema_decay"])  # the average starts from the loaded weights
+        if state.ema is not None:
+            state.ema = ModelEmaV3(model, decay=cfg["ema_decay"])  # the average starts from the loaded weights
 
     run_tags = {"row": cfg.get("row"), "preset": cfg.get("preset"), "config_hash": chash, "seed": seed,
                 "git_commit": git_commit(), **versions(), **cluster_tags(), **(tags or {})}
@@ -188,7 +236,7 @@ def train(cfg: dict, seed: int, run_dir: str | Path, inputs: RunInputs, *, devic
 
     # ---------------------------------------------------------------- epochs
     t_start, trained_s = time.time(), time_before
-    end_epoch = cfg["epochs"] if stop_after_epochs is None else min(cfg["epochs"], stop_after_epochs)
+    end_epoch = num_epochs if stop_after_epochs is None else min(num_epochs, stop_after_epochs)
     for epoch in range(start_epoch, end_epoch):
         torch.manual_seed(hash_seed(seed, epoch, env.rank))  # drop-path; augmentation is seeded per sample
         train_ds.set_epoch(seed, epoch)
@@ -197,32 +245,28 @@ def train(cfg: dict, seed: int, run_dir: str | Path, inputs: RunInputs, *, devic
         loader = DataLoader(train_ds, batch_size=cfg["batch_size"], sampler=sampler, num_workers=cfg["workers"],
                             generator=loader_gen, drop_last=True, pin_memory=dev.type == "cuda")
         mix_gen = torch.Generator().manual_seed(hash_seed(seed, epoch))  # same mixing draw on every rank
-        stats = train_one_epoch(net, model, loader, supervision, optimizer, scheduler, epoch, dev,
-                                generator=mix_gen, ema=ema, amp_dtype=amp_dtype, scaler=scaler,
-                                channels_last=channels_last,
-                                clip_grad=cfg.get("clip_grad"), last_checkpoint=str(ckpt_path) if epoch else "none",
-                                show_progress=show_progress and env.is_main)
-        if (epoch + 1) % cfg.get("eval_every", 1) == 0 or epoch + 1 == cfg["epochs"]:
+        stats = train_one_epoch(state.net, model, loader, state.supervision, state.optimizer, state.scheduler, epoch, dev,
+                                generator=mix_gen, last_checkpoint=str(ckpt_path) if epoch else "none",
+                                show_progress=show_progress and env.is_main, **state.step_kwargs())
+        if (epoch + 1) % cfg.get("eval_every", 1) == 0 or epoch + 1 == num_epochs:
             val_loader = DataLoader(val_ds, batch_size=256, sampler=ShardSampler(len(val_ds), env), num_workers=cfg["workers"])
-            stats.update({f"val_{k}": v for k, v in evaluate(model, val_loader, dev, modes, amp_dtype).items()})
-            if ema is not None:
-                stats.update({f"ema_val_{k}": v for k, v in evaluate(ema.module, val_loader, dev, modes, amp_dtype).items()})
+            stats.update({f"val_{k}": v for k, v in evaluate(model, val_loader, dev, modes, state.amp_dtype).items()})
+            if state.ema is not None:
+                stats.update({f"ema_val_{k}": v for k, v in evaluate(state.ema.module, val_loader, dev, modes,
+                                                                      state.amp_dtype).items()})
         stats["epoch"] = epoch + 1
         history.append(stats)
         trained_s = time_before + time.time() - t_start
         tracker.log_metrics({k: v for k, v in stats.items() if k != "epoch"}, step=epoch + 1)
         if env.is_main:
-            save_torch_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                               "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
-                               "scaler": scaler.state_dict() if scaler else None,
-                               "epoch": epoch + 1, "history": history, "config_hash": chash, "seed": seed,
-                               "config": cfg, "train_time_s": trained_s}, ckpt_path)
+            save_torch_atomic({**state.state_dict(), "epoch": epoch + 1, "history": history, "config_hash": chash,
+                               "seed": seed, "config": cfg, "train_time_s": trained_s}, ckpt_path)
         barrier()
         log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()})
 
-    done = len(history) == cfg["epochs"]
+    done = len(history) == num_epochs
     last = history[-1] if history else {}
-    prefix = "ema_val_" if ema is not None else "val_"
+    prefix = "ema_val_" if state.ema is not None else "val_"
     result = {
         "top1": last.get(f"{prefix}top1"), "top5": last.get(f"{prefix}top5"),
         "top1_raw": last.get("val_top1"), "top1_ema": last.get("ema_val_top1"),
@@ -231,7 +275,7 @@ def train(cfg: dict, seed: int, run_dir: str | Path, inputs: RunInputs, *, devic
         "images_per_s": last.get("images_per_s"), "lr_effective": lr, "global_batch": global_batch,
     }
     result["curves"] = {k: [h.get(k) for h in history] for k in ("epoch", "train_loss", "val_top1", "ema_val_top1", "lr")}
-    if supervision.dense:
+    if state.supervision.dense:
         result["top1_cls_only"] = last.get(f"{prefix}top1_cls")
     if env.is_main:
         _write_history(run_dir / "history.csv", history)

@@ -111,6 +111,7 @@ def run(out_dir: str | Path, *, quick: bool = False, device: str | None = None, 
         paths: tuple[Path, Path] | None = None) -> dict:
     """Harness vs plain loop per model (and item 1 on the GPU); skipped when there is no GPU."""
     from tlvit.config import load_params, preset_section
+    from tlvit.train import amp_dtype_for
 
     if device is None and not torch.cuda.is_available():
         bench = Bench("gpu", out_dir, quick=quick)
@@ -153,7 +154,7 @@ def run(out_dir: str | Path, *, quick: bool = False, device: str | None = None, 
                                      name="step_gpu", paths=paths)
         targets += [Target(f"gpu {t['name']}", t["value"], t["op"], t["threshold"], t["unit"]) for t in step_record["targets"]]
     settings = {"preset": preset, "batch_size": batch_size, "rounds": rounds, "steps_per_call": steps, "clock": clock,
-                "amp_dtype": str(step_bench.amp_dtype_for(cfg, dev)).replace("torch.", ""),
+                "amp_dtype": str(amp_dtype_for(cfg, dev)).replace("torch.", ""),
                 "peak_flops": peak, "data": "synthetic batches in pinned CPU memory, copied to the GPU every step (both loops)"}
     if step_record is not None:
         results["step_gpu"] = {"json": str(Path(out_dir) / "step_gpu.json"), "all_targets_met": step_record["all_targets_met"]}

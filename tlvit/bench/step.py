@@ -3,8 +3,9 @@
 A step is what `tlvit.engine.train_one_epoch` does per batch: targets built on the device (score-map
 scatter + resampling), mixing, `forward_train`, loss, backward, AdamW, scheduler and EMA. It is
 timed by calling `train_one_epoch` itself on batches held in memory, with the model, supervision,
-optimizer, scheduler and EMA built from the row's resolved config as `tlvit.train.train` builds
-them, so a speed regression in the engine, the supervision, the mixing or the model shows up here.
+optimizer, scheduler, EMA and AMP built by `tlvit.train.build_training_state`, the function
+`tlvit.train.train` builds them with, so a speed regression in the engine, the supervision, the
+mixing or the model shows up here.
 The data loader is left out (`tlvit bench data` measures it); batches are synthetic, with the
 shapes and dtypes the loader produces (random-resized-crop thetas, fp16 top-k score maps).
 
@@ -15,7 +16,6 @@ On a CPU the ratios are judged on CPU time with one torch thread (see `tlvit.ben
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,69 +86,33 @@ def sync_fn(device: torch.device):
     return torch.cuda.synchronize if device.type == "cuda" else None
 
 
-def amp_dtype_for(cfg: dict, device: torch.device) -> torch.dtype | None:
-    """The config's AMP dtype on a GPU; float32 on the CPU (as tlvit.train.train does)."""
-    if device.type != "cuda":
-        return None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[cfg.get("amp", "bf16")]
-
-
 class StepRunner:
-    """A row's model, supervision, optimizer, scheduler and EMA, built as `tlvit.train.train` builds them."""
+    """A row's training state, built by `tlvit.train.build_training_state` as train() builds it, stepped by
+    `train_one_epoch` on in-memory batches."""
 
     def __init__(self, cfg: dict, num_classes: int, batch_size: int, device: torch.device, *,
-                 channels_last: bool | None = None, explicit_attention: bool = False, seed: int = 0):
-        from timm.optim import create_optimizer_v2
-        from timm.scheduler import create_scheduler_v2
-        from timm.utils import ModelEmaV3
+                 explicit_attention: bool = False, seed: int = 0):
+        from tlvit.train import build_training_state
 
-        from tlvit.engine import TrainForward
-        from tlvit.supervision import Supervision
-        from tlvit.train import build_model, lr_for
-
-        self.cfg, self.device = cfg, device
-        torch.manual_seed(seed)
-        model = build_model(cfg, num_classes).to(device)
+        self.device = device
+        # steps_per_epoch only places the lr on its schedule; the timed work does not depend on it
+        self.state = build_training_state(cfg, num_classes, device, global_batch=batch_size, steps_per_epoch=1000,
+                                          seed=seed)
         if explicit_attention:
-            for m in model.modules():
+            for m in self.state.model.modules():
                 if hasattr(m, "fused_attn"):
                     m.fused_attn = False
-        self.amp_dtype = amp_dtype_for(cfg, device)
-        if channels_last is None:
-            channels_last = bool(cfg.get("channels_last")) and device.type == "cuda"
-        self.channels_last = channels_last
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        self.supervision = Supervision.from_config(cfg, num_classes, model.token_grid)
-        self.model, self.net = model, TrainForward(model)
-        self.optimizer = create_optimizer_v2(model, "adamw", lr=lr_for(cfg, batch_size), weight_decay=cfg["weight_decay"])
-        self.scheduler, _ = create_scheduler_v2(self.optimizer, "cosine", num_epochs=cfg["epochs"],
-                                                warmup_epochs=cfg["warmup_epochs"], warmup_lr=cfg["warmup_lr"],
-                                                min_lr=cfg["min_lr"], step_on_epochs=False, updates_per_epoch=1000)
-        self.ema = ModelEmaV3(model, decay=cfg["ema_decay"]) if cfg.get("ema_decay") else None
+        self.amp_dtype, self.channels_last = self.state.amp_dtype, self.state.channels_last
         self.generator = torch.Generator().manual_seed(seed)
-        self.engine_kwargs = self._engine_kwargs()
-
-    def _engine_kwargs(self) -> dict:
-        """amp_dtype, and where this engine takes them, the fp16 GradScaler and channels_last."""
-        from tlvit.engine import train_one_epoch
-
-        accepted = inspect.signature(train_one_epoch).parameters
-        kwargs: dict = {"amp_dtype": self.amp_dtype}
-        if "scaler" in accepted and self.amp_dtype == torch.float16:
-            kwargs["scaler"] = torch.amp.GradScaler("cuda")
-        if "channels_last" in accepted:
-            kwargs["channels_last"] = self.channels_last
-        return kwargs
 
     def step_seconds(self, batches: list[dict]) -> dict[str, float]:
         """Run `train_one_epoch` over `batches`; {"wall", "cpu"} seconds per step."""
         from tlvit.engine import train_one_epoch
 
+        s = self.state
         with Stopwatch(sync_fn(self.device)) as sw:
-            train_one_epoch(self.net, self.model, batches, self.supervision, self.optimizer, self.scheduler, 0,
-                            self.device, generator=self.generator, ema=self.ema, clip_grad=self.cfg.get("clip_grad"),
-                            show_progress=False, **self.engine_kwargs)
+            train_one_epoch(s.net, s.model, batches, s.supervision, s.optimizer, s.scheduler, 0, self.device,
+                            generator=self.generator, show_progress=False, **s.step_kwargs())
         return {"wall": sw.seconds / len(batches), "cpu": sw.cpu_seconds / len(batches)}
 
 

@@ -35,6 +35,7 @@ class CanvasSpec:
     secondary_count: tuple[int, int] = (1, 2)
     single_size: tuple[int, int] = (18, 36)
     single_canvas_size: int = 40  # single-digit canvases are smaller: the digit fills most of them
+    composed: int = 0  # more multi-digit canvases from the train digits, composed apart from `train`: the annotator's
     seed: int = 0
 
     @classmethod
@@ -130,13 +131,16 @@ def compose_canvas(
 
 
 def write_canvases(out_dir: str | Path, spec: CanvasSpec) -> dict:
-    """Write `<out>/{train,val,single}/<class>/<id>.png` and `<out>/gt_maps_<split>.npz`; returns stats."""
+    """Write `<out>/{train,val,single,composed}/<class>/<id>.png` and `<out>/gt_maps_<split>.npz`; returns stats."""
     out_dir = Path(out_dir)
     sources = load_source_digits(spec.train_digits_per_class)
-    plan = [("train", spec.train, "train", False), ("val", spec.val, "val", False), ("single", spec.single, "train", True)]
+    plan = [("train", spec.train, "train", False), ("val", spec.val, "val", False), ("single", spec.single, "train", True),
+            ("composed", spec.composed, "train", False)]
     stats: dict = {}
     with atomic_dir(out_dir) as tmp:
         for split_idx, (split, count, source, single) in enumerate(plan):
+            if count == 0:
+                continue
             # one independent stream per split: changing one split's size leaves the others unchanged
             rng = np.random.default_rng([spec.seed, split_idx])
             paths, maps, labels = [], [], []

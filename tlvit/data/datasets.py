@@ -135,16 +135,19 @@ class DenseLabelDataset(Dataset):
         """
         self.aug_seed = (seed, epoch)
 
-    def _seed_sample(self, i: int) -> None:
-        s = hash_seed(*self.aug_seed, i)
+    def _seed_sample(self, i: int, view: int) -> None:
+        # view 0 keeps the seed a run without repeated augmentation uses
+        s = hash_seed(*self.aug_seed, i) if view == 0 else hash_seed(*self.aug_seed, i, view)
         torch.manual_seed(s)
         random.seed(s)
         np.random.seed(s % 2**32)  # timm's RandAugment draws from numpy and `random`
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, i: int | tuple[int, int]) -> dict:
+        """Sample i, or (i, view): copy `view` of sample i under repeated augmentation, augmented its own way."""
+        i, view = i if isinstance(i, tuple) else (i, 0)
         img = load_rgb(self.split_dir / self.paths[i])
         if self.aug_seed is not None:
-            self._seed_sample(i)
+            self._seed_sample(i, view)
         img, theta, clips = self.geometry(img)
         x = TF.normalize(TF.to_tensor(img), self.mean, self.std)
         if self.erasing is not None:

@@ -73,13 +73,40 @@ def _dense_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return logits.transpose(1, 2).reshape(x.shape[0], -1, gh, gw)
 
 
-def train_annotator(model: nn.Module, train_ds: DenseLabelDataset, *, epochs: int, batch_size: int, lr: float,
-                    weight_decay: float, seed: int, dense: bool = True, log=print) -> list[dict]:
-    """Supervised training with image-level labels (AdamW, cosine, label smoothing 0.1); per-epoch stats.
+IGNORE = -100  # F.cross_entropy's ignore_index: locations without a label
 
-    dense=True puts the loss on every location of the dense map (the classifier as a 1x1 conv, exactly
-    as it is used to annotate) instead of on the pooled logits: pooling only constrains the average
-    of the locations, not each one (measured comparison in docs/annotator.md).
+
+def cell_targets(gt_maps: np.ndarray, grid: tuple[int, int]) -> torch.Tensor:
+    """Per-location labels [N, h, w] from pixel class maps [N, S, S] (255 = background).
+
+    Each map location covers an (S/h x S/w) cell of pixels; its label is the class with the most ink
+    pixels there (the digit the location sees most of), IGNORE where the cell has no ink: background
+    says nothing about which digit a location should name.
+    """
+    n, s, _ = gt_maps.shape
+    h, w = grid
+    if s % h or s % w:
+        raise ValueError(f"ground-truth maps of {s} px do not split into a {h}x{w} grid of whole cells")
+    gt = torch.from_numpy(np.asarray(gt_maps)).long().clamp(max=10)  # 10 = background
+    # [N, pixels of a cell, h, w]: the class of every pixel of every cell, counted per class below
+    pixels = gt.reshape(n, h, s // h, w, s // w).permute(0, 2, 4, 1, 3).reshape(n, -1, h, w)
+    counts = torch.zeros(n, 11, h, w).scatter_add_(1, pixels, torch.ones(pixels.shape))
+    ink = counts[:, :10]
+    labels = ink.argmax(1)
+    labels[ink.sum(1) == 0] = IGNORE
+    return labels
+
+
+def train_annotator(model: nn.Module, train_ds: DenseLabelDataset, *, epochs: int, batch_size: int, lr: float,
+                    weight_decay: float, seed: int, dense: bool = True, cells: torch.Tensor | None = None,
+                    log=print) -> list[dict]:
+    """Supervised training (AdamW, cosine, label smoothing 0.1); per-epoch stats.
+
+    Image labels: dense=True puts the loss on every location of the dense map (the classifier as a
+    1x1 conv, exactly as it is used to annotate) instead of on the pooled logits: pooling only
+    constrains the average of the locations, not each one (measured comparison in docs/annotator.md).
+    cells [N, h, w] (cell_targets): each location's own label instead, from how the training canvases
+    were composed; the dataset must then show whole canvases (no crop), so locations and cells agree.
     """
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
@@ -95,10 +122,16 @@ def train_annotator(model: nn.Module, train_ds: DenseLabelDataset, *, epochs: in
         model.train()
         t0, total, correct, loss_sum = time.time(), 0, 0, 0.0
         for step, batch in enumerate(tqdm(loader, desc=f"annotator epoch {epoch + 1}/{epochs}", leave=False)):
-            if dense:
+            if cells is not None or dense:
                 maps = _dense_logits(model, batch["image"])  # [B, C, h, w]
-                labels = batch["label"][:, None, None].expand(-1, *maps.shape[2:])
-                loss = F.cross_entropy(maps, labels, label_smoothing=0.1)
+                if cells is not None:
+                    labels = cells[batch["index"]]
+                    if labels.shape[1:] != maps.shape[2:]:
+                        raise ValueError(f"annotator map {tuple(maps.shape[2:])} does not match the label cells "
+                                         f"{tuple(labels.shape[1:])}; the canvases must be shown whole, at their own size")
+                else:
+                    labels = batch["label"][:, None, None].expand(-1, *maps.shape[2:])
+                loss = F.cross_entropy(maps, labels, label_smoothing=0.1, ignore_index=IGNORE)
                 logits = maps.mean((2, 3))  # = the pooled classifier's logits (the head is linear)
             else:
                 logits = model(batch["image"])

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -22,6 +23,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
+
+from tlvit.labels.geometry import LabelMaps
 
 INDEX = "index.json"
 
@@ -177,8 +180,8 @@ def _locked(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def topk_to_dense(logits: torch.Tensor, classes: torch.Tensor, num_classes: int, absent: str = "zero_prob") -> torch.Tensor:
-    """Class probabilities [B, C, h, w] from stored top-k logits/classes [B, k, h, w].
+def topk_label_maps(logits: torch.Tensor, classes: torch.Tensor, num_classes: int, absent: str = "zero_prob") -> LabelMaps:
+    """Class probabilities from stored top-k logits/classes [B, k, h, w], kept top-k (`LabelMaps`).
 
     absent="zero_prob": softmax over the k stored logits, classes outside the top-k get 0 (default).
     absent="zero_logit": the original code's behaviour: scatter logits into zeros and softmax over all
@@ -186,12 +189,20 @@ def topk_to_dense(logits: torch.Tensor, classes: torch.Tensor, num_classes: int,
     """
     logits = logits.float()
     classes = classes.long()
-    B, k, h, w = logits.shape
-    if absent == "zero_prob":
-        probs = logits.softmax(1)
-        dense = logits.new_zeros(B, num_classes, h, w)
-        return dense.scatter_(1, classes, probs)
-    if absent == "zero_logit":
-        dense = logits.new_zeros(B, num_classes, h, w)
-        return dense.scatter_(1, classes, logits).softmax(1)
-    raise ValueError(f"absent_classes must be 'zero_prob' or 'zero_logit', not {absent!r}")
+    absent_count = num_classes - logits.shape[1]
+    if absent not in ("zero_prob", "zero_logit"):
+        raise ValueError(f"absent_classes must be 'zero_prob' or 'zero_logit', not {absent!r}")
+    if absent == "zero_prob" or absent_count == 0:
+        return LabelMaps(logits.softmax(1), classes, num_classes)
+    # softmax over C logits of which C - k are 0: the k stored ones and one of log(C - k) stand for all
+    lse = torch.cat([logits, torch.full_like(logits[:, :1], math.log(absent_count))], 1).logsumexp(1, keepdim=True)
+    rest = (-lse).exp()  # e^0 / Z: every absent class's probability, also counted for the listed ones
+    return LabelMaps((logits - lse).exp() - rest, classes, num_classes, rest)
+
+
+def topk_to_dense(logits: torch.Tensor, classes: torch.Tensor, num_classes: int, absent: str = "zero_prob") -> torch.Tensor:
+    """Class probabilities [B, C, h, w] (see `topk_label_maps`); for looking at maps, not for training."""
+    probs, classes, C, rest = topk_label_maps(logits, classes, num_classes, absent)
+    B, _, h, w = probs.shape
+    dense = probs.new_zeros(B, C, h, w) if rest is None else rest.expand(B, C, h, w).clone()
+    return dense.scatter_add_(1, classes, probs)

@@ -15,7 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     common.add_argument("--rows-file", default="experiments/rows.yaml", help="row definitions (default: experiments/rows.yaml)")
 
     p = sub.add_parser("launch", parents=[common], help="submit every stale training row as a job, then return",
-                       description="Submit one job per stale `train@<row>` stage (all at once: a Slurm array), record "
+                       description="Submit one job per stale `train@<row>` / `finetune@<row>` stage (all at once: a Slurm array), record "
                                    "each in runs/<preset>/<row>/launch.json and return. A following `dvc repro` waits "
                                    "for the jobs and records their results without retraining.")
     p.add_argument("--row", action="append", dest="rows", metavar="ROW", help="only this row (repeatable; default: all stale rows)")
@@ -37,7 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
-    from tlvit.config import ConfigError, load_params
+    from tlvit.config import ConfigError, load_params, pipeline_rows
     from tlvit.launch.executor import load_launcher_config
     from tlvit.launch.launcher import launch_rows, plan_launch
 
@@ -45,10 +45,11 @@ def cmd_launch(args: argparse.Namespace) -> int:
     try:
         params = load_params(args.params)
         launcher = load_launcher_config(params, kind=args.kind, folder=args.folder, params_path=args.params)
-        all_rows = list(params.get("rows") or [])
+        all_rows = list(pipeline_rows(params, args.params))
         unknown = sorted(set(args.rows or []) - set(all_rows))
         if unknown:
-            raise ConfigError(f"{args.params}: rows {unknown} are not in `rows` {all_rows} (DVC has no stage for them)")
+            raise ConfigError(f"{args.params}: rows {unknown} are not in `rows` or `finetunes` {all_rows} "
+                              "(DVC has no stage for them)")
         submit, skipped = plan_launch(params, args.rows or all_rows, ".", args.rows_file, args.params)
     except (ConfigError, RuntimeError) as e:  # RuntimeError: `dvc status` failed (e.g. locked by a running repro)
         print(f"error: {e}", file=sys.stderr)

@@ -1,6 +1,6 @@
 """`tlvit launch`: submit every stale training row at once, record each job, return.
 
-The rows to train are the `train@<row>` stages DVC reports as changed. A later `dvc repro` runs those
+The rows to train are the `train@<row>` / `finetune@<row>` stages DVC reports as changed. A later `dvc repro` runs those
 stages as usual; each waits for its row's job and then finds the checkpoints complete, so it only
 collects the results and `dvc.lock` stays the one record of what was computed.
 """
@@ -14,32 +14,42 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tlvit.config import ConfigError, config_hash, load_params, resolve_run_config
+from tlvit.config import ConfigError, config_hash, load_params, pipeline_rows, resolve_run_config
 from tlvit.launch.executor import LauncherConfig, check_shared, load_launcher_config, make_executor
 from tlvit.launch.job import RowJob
 from tlvit.launch.records import LaunchRecord, poll, read_record, write_record
 from tlvit.layout import Layout
 
 log = logging.getLogger(__name__)
-TRAIN_STAGE = "train@"
+TRAIN_STAGE, FINETUNE_STAGE = "train@", "finetune@"
+
+
+def stage_name(row: str, parents: dict[str, str | None]) -> str:
+    """The DVC stage that trains `row`: finetune@<row> for params.yaml `finetunes`, else train@<row>."""
+    return f"{FINETUNE_STAGE if parents.get(row) else TRAIN_STAGE}{row}"
 
 
 @dataclass
 class DvcStatus:
-    stale_rows: list[str]        # train@<row> stages that would run
+    stale_rows: list[str]        # rows whose train@/finetune@ stage would run
     stale_upstream: list[str]    # other stages they depend on that would run first
 
 
-def dvc_status(rows: list[str], workdir: str | Path = ".") -> DvcStatus:
-    """`dvc status --json --with-deps` of the rows' train stages (and what they depend on)."""
-    cmd = [sys.executable, "-m", "dvc", "status", "--json", "--with-deps", *[f"{TRAIN_STAGE}{r}" for r in rows]]
+def dvc_status(rows: list[str], workdir: str | Path = ".", parents: dict[str, str | None] | None = None) -> DvcStatus:
+    """`dvc status --json --with-deps` of the rows' training stages (and what they depend on).
+
+    parents: params.yaml's rows -> parent (config.pipeline_rows); fine-tunes are `finetune@` stages.
+    """
+    parents = parents or {}
+    stages = {stage_name(r, parents): r for r in rows}
+    cmd = [sys.executable, "-m", "dvc", "status", "--json", "--with-deps", *stages]
     p = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True)
     if p.returncode != 0:
         raise RuntimeError(f"`dvc status` failed in {workdir} ({p.returncode}): {(p.stderr or p.stdout).strip()[-2000:]}")
     out = p.stdout.strip()
     changed = json.loads(out[out.index("{"):]) if "{" in out else {}
-    stale = [r for r in rows if f"{TRAIN_STAGE}{r}" in changed]
-    upstream = [s for s in changed if not s.startswith(TRAIN_STAGE)]
+    stale = [row for stage, row in stages.items() if stage in changed]
+    upstream = [s for s in changed if not s.startswith((TRAIN_STAGE, FINETUNE_STAGE))]
     return DvcStatus(stale, upstream)
 
 
@@ -89,8 +99,9 @@ def launch_rows(rows: list[str], *, params_path: str | Path = "params.yaml", row
 def plan_launch(params: dict, rows: list[str], workdir: str | Path, rows_path: str | Path, params_path: str | Path,
                 status: DvcStatus | None = None) -> tuple[list[str], list[tuple[str, str]]]:
     """Which rows to submit, and (row, reason) for those left alone."""
+    parents = pipeline_rows(params, params_path)
     if status is None:
-        status = dvc_status(rows, workdir)
+        status = dvc_status(rows, workdir, parents)
     if status.stale_upstream:
         raise ConfigError(f"stages {status.stale_upstream} must run before training: `dvc repro {' '.join(status.stale_upstream)}` "
                           f"(here or as a job), then `tlvit launch` again")
@@ -99,6 +110,10 @@ def plan_launch(params: dict, rows: list[str], workdir: str | Path, rows_path: s
     for row in rows:
         if row not in status.stale_rows:
             skipped.append((row, "up to date in dvc.lock"))
+            continue
+        if parents.get(row) in status.stale_rows:  # it needs the parent's final weights, which do not exist yet
+            skipped.append((row, f"fine-tune of {parents[row]}, which is stale too; launch again once it has finished "
+                                 "(or let `dvc repro` train both in order)"))
             continue
         record = read_record(layout, row)
         if record is not None:

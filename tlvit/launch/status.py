@@ -5,7 +5,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from tlvit.config import ConfigError, config_hash, load_params, preset_section, resolve_run_config
+from tlvit.config import ConfigError, config_hash, load_params, pipeline_rows, preset_section, resolve_run_config
 from tlvit.launch.launcher import dvc_status
 from tlvit.launch.records import poll, read_record
 from tlvit.layout import Layout
@@ -25,13 +25,14 @@ def collect(params_path: str | Path = "params.yaml", rows_path: str | Path = "ex
             workdir: str | Path = ".", use_dvc: bool = True) -> list[RowStatus]:
     workdir = Path(workdir)
     params = load_params(workdir / params_path)
-    rows: list[str] = list(params.get("rows") or [])
+    parents = pipeline_rows(params, params_path)
+    rows: list[str] = list(parents)
     layout = Layout(params["preset"], workdir)
     seeds = preset_section(params, params_path=params_path)["seeds"]
     stale: set[str] | None = None
     if use_dvc:
         try:
-            stale = set(dvc_status(rows, workdir).stale_rows)
+            stale = set(dvc_status(rows, workdir, parents).stale_rows)
         except Exception:
             stale = None
     out = []

@@ -27,7 +27,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ConvNormAct, DropPath, Mlp, resample_abs_pos_embed, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from .attention import Attention, AttnCallback
+from .attention import Attention, AttentionMap, AttnCallback
 from .mix_token import Box, mix_tokens, unmix_tokens
 
 __all__ = [
@@ -36,7 +36,9 @@ __all__ = [
 ]
 
 INFERENCE_MODES = ("cls_plus_aux", "cls")
-LayerAttnCallback = Callable[[int, torch.Tensor], None]  # (layer index, head-averaged attention [B, N, N])
+# (layer index, head-averaged attention): a [B, N, N] tensor, or the block's lazy AttentionMap for a callback
+# with `accepts_attention_map = True` (TL-Align's LabelAligner), which keeps the fused attention path.
+LayerAttnCallback = Callable[[int, Union[torch.Tensor, AttentionMap]], None]
 
 
 class TrainOutput(NamedTuple):
@@ -255,16 +257,24 @@ class LvViT(nn.Module):
             if module is not None:
                 module.to(self.pos_embed).apply(_init_linear)  # same device and dtype as the trunk
 
-    def _transformer(self, tokens: torch.Tensor, attn_callback: Optional[LayerAttnCallback] = None) -> torch.Tensor:
-        """Patch tokens [B, N, C] -> normed features [B, 1 + N, C] (class token first)."""
+    def _transformer(
+            self,
+            tokens: torch.Tensor,
+            attn_callback: Optional[LayerAttnCallback] = None,
+            attn_store: Optional[List[torch.Tensor]] = None,
+    ) -> torch.Tensor:
+        """Patch tokens [B, N, C] -> normed features [B, 1 + N, C] (class token first); per block, the
+        attention goes to `attn_callback` and its head-averaged map is appended to `attn_store`."""
         x = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
         x = self.pos_drop(x + self.pos_embed)
+        report = attn_callback is not None or attn_store is not None
         for i, block in enumerate(self.blocks):
-            x = block(x, None if attn_callback is None else partial(attn_callback, i))
+            x = block(x, _LayerReport(i, attn_callback, attn_store) if report else None)
         return self.norm(x)
 
     def forward_features(self, x: torch.Tensor, attn_callback: Optional[LayerAttnCallback] = None) -> torch.Tensor:
-        """Image [B, 3, H, W] -> features [B, 1 + N, C]; attn_callback(layer, attn [B, 1+N, 1+N]) per block."""
+        """Image [B, 3, H, W] -> features [B, 1 + N, C]; attn_callback(layer, attn [B, 1+N, 1+N]) per block
+        (see `forward_train`)."""
         return self._transformer(self.patch_embed(x), attn_callback)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -294,9 +304,12 @@ class LvViT(nn.Module):
         mix_box: MixToken box (y0, y1, x0, x1) on the token grid, or None. Tokens inside it come from
             x.flip(0) (after patch embedding, before cls token and pos-embed) and the token logits inside
             it are swapped back, so token_logits[b, i] always refers to image b's content at position i.
-        attn_callback: called as fn(layer_idx, attn_mean) in layer order, attn_mean [B, 1 + N, 1 + N]
-            detached head-averaged softmax attention (switches attention to the explicit path).
-        return_attn: also return those maps as a list in `TrainOutput.attn`.
+        attn_callback: called as fn(layer_idx, attn) in layer order. attn is the detached head-averaged
+            softmax attention [B, 1 + N, 1 + N] (the layers then take the explicit softmax(QK^T) path, which
+            computes it anyway), or, for a callback with ``accepts_attention_map = True`` (TL-Align's
+            ``LabelAligner``), the block's lazy ``AttentionMap``: the attention stays fused and the callback
+            computes only the products with the map that it needs.
+        return_attn: also return the maps [B, 1 + N, 1 + N] as a list in `TrainOutput.attn`.
         """
         grid = self.token_grid
         tokens = self.patch_embed(x)
@@ -304,7 +317,7 @@ class LvViT(nn.Module):
             tokens = mix_tokens(tokens, mix_box, grid)
 
         attn_maps: Optional[List[torch.Tensor]] = [] if return_attn else None
-        x = self._transformer(tokens, _collecting(attn_callback, attn_maps))
+        x = self._transformer(tokens, attn_callback, attn_maps)
 
         cls_logits = self.head(self.head_drop(x[:, 0]))
         token_logits = None
@@ -315,19 +328,25 @@ class LvViT(nn.Module):
         return TrainOutput(cls_logits, token_logits, mix_box, attn_maps)
 
 
-def _collecting(
-        callback: Optional[LayerAttnCallback],
-        store: Optional[List[torch.Tensor]],
-) -> Optional[LayerAttnCallback]:
-    """One per-layer callback that calls `callback` and/or appends to `store`; None if neither is wanted."""
-    if store is None:
-        return callback
+class _LayerReport:
+    """Block `layer`'s attention callback (an AttnCallback): hands the block's AttentionMap to `callback`,
+    as is if the callback accepts one, else as the dense [B, N, N] map, and appends the dense map to `store`.
 
-    def collect(layer: int, attn: torch.Tensor) -> None:
-        store.append(attn)
-        if callback is not None:
-            callback(layer, attn)
-    return collect
+    `needs_dense_map` tells the layer to take the explicit softmax(QK^T) path, whose softmax the dense map
+    then reuses; a callback that takes the AttentionMap alone leaves the fused kernel on.
+    """
+
+    def __init__(self, layer: int, callback: Optional[LayerAttnCallback], store: Optional[List[torch.Tensor]]) -> None:
+        self.layer, self.callback, self.store = layer, callback, store
+        self.lazy = callback is not None and bool(getattr(callback, "accepts_attention_map", False))
+        self.needs_dense_map = store is not None or (callback is not None and not self.lazy)
+
+    def __call__(self, attn: AttentionMap) -> None:
+        dense = attn.mean() if self.needs_dense_map else None
+        if self.store is not None:
+            self.store.append(dense)
+        if self.callback is not None:
+            self.callback(self.layer, attn if self.lazy else dense)
 
 
 def _init_linear(module: nn.Module) -> None:

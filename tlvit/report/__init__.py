@@ -1,12 +1,13 @@
 """Regenerate the papers' tables with paper and reproduced values side by side, plus figures.
 
 Inputs: `experiments/tables/*.yaml` (the papers' numbers, typed once), `experiments/rows.yaml` and the
-row metrics written by the train stages (`metrics/<preset>/rows/<row>.json`). A row that has not run
-shows as pending, never as a number.
+row metrics written by the train stages (`metrics/<preset>/rows/<row>.json`); training curves from MLflow
+when its store answers (the metrics hold a copy, checked against it). A row that has not run shows as
+pending, never as a number.
 
 Modules: `results` (each row's seeds and status), `stats` (CIs, verdicts), `frames` (tables as data and
-Markdown), `figures` (Δ bars, ablation path, scaling, curves), `curves` (per-epoch series), `dense_labels`,
-`alignment` (TL-Align figures on checkpoints), `build` (writes reports/ and its index).
+Markdown), `figures` (Δ bars, ablation path, scaling, curves), `curves` (per-epoch series: source and
+check), `dense_labels`, `alignment` (TL-Align figures on checkpoints), `build` (writes reports/ and its index).
 """
 from tlvit.report.build import build_report, write_text
 from tlvit.report.dense_labels import dense_label_table

@@ -73,7 +73,7 @@ def _align(model, x, labels, num_classes: int, seed: int, lam_range=(0.0, 1.0), 
     import torch.nn.functional as F
 
     from tlvit.mixing import mix_images
-    from tlvit.tl_align import LabelAligner, initial_labels
+    from tlvit.tl_align import LabelAligner, initial_label_factors, initial_labels
 
     for t in range(tries):
         mixed = mix_images(x, "cutmix_patch", tuple(model.token_grid), torch.Generator().manual_seed(seed * 100 + t))
@@ -82,8 +82,8 @@ def _align(model, x, labels, num_classes: int, seed: int, lam_range=(0.0, 1.0), 
     dev = next(model.parameters()).device
     y = F.one_hot(labels, num_classes).float().to(dev)
     mixed.images = mixed.images.to(dev)
-    initial = initial_labels(y, mixed, smoothing=0.0)
-    aligner = LabelAligner(initial)
+    initial = initial_labels(y, mixed, smoothing=0.0)  # dense, for the figure
+    aligner = LabelAligner(initial_label_factors(y, mixed, smoothing=0.0))  # moves 3 coefficients per token
     with torch.no_grad():
         model.forward_train(mixed.images, attn_callback=aligner)
     return mixed, initial, aligner

@@ -5,8 +5,10 @@ import datetime as dt
 import logging
 from pathlib import Path
 
+from tlvit.config import pipeline_rows
 from tlvit.io import atomic_path
 from tlvit.layout import Layout
+from tlvit.report.curves import check_summary, row_curves, sources_note
 from tlvit.report.figures import curves_figure, delta_figure, path_figure, scaling_figure
 from tlvit.report.frames import claims_frame, render_markdown, table_frame, verdict_tally
 from tlvit.report.results import DONE, Results
@@ -39,14 +41,15 @@ def write_table(table: Table, results: Results, out: Path) -> str:
         path_figure(table, df, results, figs / f"{table.key}_path.png", preset)
         links.append(f"[ablation path](figures/{table.key}_path.png)")
     curves = figs / f"{table.key}_curves.png"
-    if curves_figure(table.row_ids, results, curves, title=table.caption):
+    drawn = curves_figure(table.row_ids, results, curves, title=table.caption)
+    if drawn:
         links.append(f"[training curves](figures/{table.key}_curves.png)")
     else:
         curves.unlink(missing_ok=True)
     done = int((df["Status"] == DONE).sum())
     return (f"- [{table.caption}]({table.key}.md) — {done}/{len(df)} rows run; claims: {verdict_tally(claims)}. "
             f"Files: [CSV]({table.key}.csv), [claims CSV]({table.key}_claims.csv), [LaTeX]({table.key}.tex). "
-            f"Figures: {', '.join(links)}")
+            f"Figures: {', '.join(links)}" + (f". {sources_note(drawn)}" if drawn else ""))
 
 
 def build_report(params: dict, *, tables_dir: str | Path = TABLES_DIR, rows_path: str | Path = "experiments/rows.yaml",
@@ -71,13 +74,17 @@ def build_report(params: dict, *, tables_dir: str | Path = TABLES_DIR, rows_path
 
     index.append("\n## Figures\n")
     figures = []  # (file, description, skipped reason or None)
+    notes = {}  # file -> text after its link
     ok = scaling_figure(tables, results, figs / "scaling.png", layout.preset)
     figures.append(("scaling.png", "Model scaling (LV-ViT Fig. 1 style): parameters vs top-1 for LV-ViT-T/S/M/L and "
                     "DeiT-T/S/B ± TL-Align, paper (ImageNet) next to reproduced (params counted from the built models)",
                     None if ok else "no table row has a `series`"))
-    ok = curves_figure(params.get("rows") or [], results, figs / "training_curves.png", "Rows in params.yaml `rows`")
+    drawn = curves_figure(list(pipeline_rows(params)), results, figs / "training_curves.png",
+                           "Rows in params.yaml `rows` and `finetunes`")
     figures.append(("training_curves.png", "Training curves of the rows in `rows`: val top-1 (model, EMA) and "
-                    "train loss per epoch", None if ok else "none of `rows` has run yet"))
+                    "train loss per epoch", None if drawn else "none of `rows` has run yet"))
+    if drawn:
+        notes["training_curves.png"] = sources_note(drawn)
     cfg = results.get(TOKEN_GRID_ROW).cfg
     grid = _token_grid(cfg, results.num_classes()) if cfg else None
     why = dense_label_figure(layout, figs / "dense_labels.png", grid, cfg["img_size"]) if grid else "no token grid"
@@ -94,7 +101,11 @@ def build_report(params: dict, *, tables_dir: str | Path = TABLES_DIR, rows_path
             (figs / name).unlink(missing_ok=True)
             index.append(f"- {text}: *skipped* ({skipped})")
         else:
-            index.append(f"- [{text}](figures/{name})")
+            index.append(f"- [{text}](figures/{name})" + (f". {notes[name]}" if name in notes else ""))
+    with_curves = [rc for row in dict.fromkeys([*pipeline_rows(params), *(r for t in tables for r in t.row_ids)])
+                   if (rc := row_curves(results, row))]
+    if with_curves:
+        index += ["\n## Training curves: MLflow and the JSON copy\n", check_summary(with_curves)]
     dense = dense_label_table(layout)
     if dense:
         index += ["\n## Dense labels (annotator vs ground-truth maps)\n", dense]

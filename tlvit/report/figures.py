@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from tlvit.io import atomic_path
-from tlvit.report.curves import row_curves
+from tlvit.report.curves import KEYS, RowCurves, row_curves
 from tlvit.report.results import DONE, Results
 from tlvit.tables import Table
 
@@ -162,40 +162,45 @@ def scaling_figure(tables: list[Table], results: Results, path: Path, preset: st
     return True
 
 
-def curves_figure(rows: list[str], results: Results, path: Path, title: str | None = None) -> bool:
+def curves_figure(rows: list[str], results: Results, path: Path, title: str | None = None) -> list[RowCurves]:
     """Validation top-1 (model and EMA) and train loss per epoch, mean over seeds with a min-max band.
 
-    One line per row that has run; False (and no file) when none has.
+    One line per row that has run, labelled with its source (MLflow or the metrics JSON); returns those rows
+    (for the index's `sources_note`), empty (and no file) when none has run.
     """
     plt = _plt()
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-    drawn, sources = False, set()
+    drawn: dict[str, RowCurves] = {}
     for row in dict.fromkeys(rows):
-        res = results.get(row)
-        for ax, key in zip(axes, ("val_top1", "ema_val_top1", "train_loss")):
-            c = row_curves(res, key)
-            if c is None:
-                continue
-            epochs, mean, lo, hi = c.mean()
+        rc = row_curves(results, row)
+        if rc is None:
+            continue
+        for ax, key in zip(axes, KEYS):
+            c = rc.curves.get(key)
+            epochs, mean, lo, hi = c.mean() if c else ([], [], [], [])
             if not epochs:
                 continue
-            line, = ax.plot(epochs, mean, marker="." if len(epochs) < 12 else None, label=f"{row} (n={len(c.seeds)})")
+            line, = ax.plot(epochs, mean, marker="." if len(epochs) < 12 else None,
+                            label=f"{row} (n={len(c.seeds)}, {rc.source})")
             if len(c.seeds) > 1:
                 ax.fill_between(epochs, lo, hi, color=line.get_color(), alpha=0.15)
-            drawn = True
-            sources.add(c.source)
+            drawn[row] = rc
     for ax, name in zip(axes, ("val top-1 (%), model", "val top-1 (%), EMA model", "train loss")):
         ax.set_xlabel("epoch")
         ax.set_title(name, fontsize=9)
         ax.grid(alpha=0.3)
     if axes[0].lines:
         axes[0].legend(fontsize=6)
-    src = " + ".join(sorted(sources)) or "-"
+    src = " + ".join(sorted({rc.source for rc in drawn.values()})) or "-"
     fig.suptitle(f"{title or 'Training curves'} (preset {results.layout.preset}; mean over seeds, band = min-max; from {src})",
                  fontsize=9)
-    fig.tight_layout()
+    disagree = [row for row, rc in drawn.items() if rc.mismatches]
+    if disagree:  # in the figure too, not only in the index
+        fig.text(0.5, 0.01, f"JSON copy and MLflow disagree for {', '.join(disagree)}: see reports/README.md",
+                 ha="center", fontsize=8, color="red")
+    fig.tight_layout(rect=(0, 0.04 if disagree else 0, 1, 1))
     if drawn:
         save(fig, path)
     else:
         plt.close(fig)
-    return drawn
+    return list(drawn.values())

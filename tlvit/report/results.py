@@ -102,6 +102,12 @@ class Results:
                              f"metrics are for config {m.get('config_hash')}, the row is now {expected}: re-run it")
         return RowResult(row, PENDING, None, expected, None, cfg)
 
+    def memo(self, key, make):
+        """`make()` once per key for this report (e.g. a row's curves, drawn in several tables)."""
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
     def num_classes(self) -> int:
         """Classes of the preset's dataset: the train split's class folders, else 10 (canvases) / 1000."""
         try:
