@@ -316,3 +316,25 @@ def test_report_without_any_run(tmp_path):
         assert f"0/{len(t.rows)} rows run" in text
         assert md.count("| pending ") >= len(t.rows)
     assert text.count("*skipped*") == 4  # training curves, dense labels, TL-Align maps and RMSE (scaling draws paper values)
+
+
+def test_git_commit_is_dirty_for_code_not_for_pipeline_outputs(tmp_path):
+    import subprocess
+
+    from tlvit.provenance import git_commit
+
+    run = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)  # noqa: E731
+    run("init", "-q")
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "row.json").write_text("{}")
+    (tmp_path / "dvc.lock").write_text("a")
+    (tmp_path / "code.py").write_text("x = 1")
+    run("add", "-A")
+    run("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    sha = git_commit(tmp_path)
+    assert len(sha) == 40
+    (tmp_path / "metrics" / "row.json").write_text('{"top1": 1}')  # what `dvc repro` writes while it runs
+    (tmp_path / "dvc.lock").write_text("b")
+    assert git_commit(tmp_path) == sha
+    (tmp_path / "code.py").write_text("x = 2")
+    assert git_commit(tmp_path) == sha + "-dirty"

@@ -7,12 +7,21 @@ import sys
 from pathlib import Path
 
 
+# Tracked files that `dvc repro` itself rewrites: changing them says nothing about the code that ran
+PIPELINE_OUTPUTS = ("dvc.lock", "metrics", "reports")
+
+
 def git_commit(cwd: str | Path = ".") -> str:
-    """HEAD's sha, suffixed `-dirty` when tracked files differ from it; 'unknown' outside git."""
+    """HEAD's sha, suffixed `-dirty` when tracked files other than pipeline outputs differ from it; 'unknown' outside git.
+
+    Outputs are left out because a `dvc repro` writes them while it runs: every stage after the first
+    would otherwise call the commit dirty although the code is HEAD's.
+    """
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True,
-                               text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                *[f":(exclude,top){p}" for p in PIPELINE_OUTPUTS]],
+                               cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (subprocess.CalledProcessError, FileNotFoundError):
         return "unknown"
