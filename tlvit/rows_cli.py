@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     import tempfile
 
     from tlvit.config import ConfigError, load_params
-    from tlvit.tables import all_rows, load_tables, set_rows_in_params, split_finetunes
+    from tlvit.tables import all_rows, load_tables, rows_yaml, set_rows_in_params, split_finetunes
 
     try:
         params = load_params(args.params)
@@ -58,5 +58,5 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "lines":
         print("\n".join(rows))
     else:
-        print("rows: [" + ", ".join(scratch) + "]\nfinetunes: {" + ", ".join(f"{k}: {v}" for k, v in finetunes.items()) + "}")
+        print("\n".join(rows_yaml(scratch, finetunes)))
     return 0

@@ -210,18 +210,25 @@ def split_finetunes(order: list[str], rows_path: str | Path = "experiments/rows.
     return rows, finetunes
 
 
+def rows_yaml(rows: list[str], finetunes: dict[str, str]) -> tuple[str, str]:
+    """The `rows:` and `finetunes:` lines of params.yaml for these rows (flow style, one line each)."""
+    return ("rows: [" + ", ".join(rows) + "]",
+            "finetunes: {" + ", ".join(f"{k}: {v}" for k, v in finetunes.items()) + "}")
+
+
 def set_rows_in_params(text: str, rows: list[str], finetunes: dict[str, str] | None = None) -> str:
     """params.yaml text with its top-level `rows:` (and `finetunes:`) replaced; comments elsewhere kept."""
-    text = _set_top_level(text, "rows", "[" + ", ".join(rows) + "]", r"\[[^\]]*\]")
+    rows_line, finetunes_line = rows_yaml(rows, finetunes or {})
+    text = _set_top_level(text, rows_line, r"\[[^\]]*\]")
     if finetunes is not None:
-        flow = "{" + ", ".join(f"{k}: {v}" for k, v in finetunes.items()) + "}"
-        text = _set_top_level(text, "finetunes", flow, r"\{[^}]*\}", after="rows")
+        text = _set_top_level(text, finetunes_line, r"\{[^}]*\}", after="rows")
     return text
 
 
-def _set_top_level(text: str, key: str, flow: str, flow_pattern: str, after: str | None = None) -> str:
-    """Replace a top-level `key:` (flow or block style) by `key: flow`; add it after `after:` when missing."""
-    new = f"{key}: {flow}"
+def _set_top_level(text: str, new: str, flow_pattern: str, after: str | None = None) -> str:
+    """Replace the top-level key of the line `new` (`key: value`, flow or block style before) by `new`;
+    add it after `after:` when missing."""
+    key = new.split(":", 1)[0]
     pattern = re.compile(rf"^{key}:[ \t]*({flow_pattern}|\n(?:[ \t]+.*\n?)+|.*)$", re.M)
     if pattern.search(text):
         return pattern.sub(lambda m: new + ("\n" if m.group(0).endswith("\n") else ""), text, count=1)
