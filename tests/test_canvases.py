@@ -1,5 +1,5 @@
 """The embedded dataset: deterministic, disjoint train/val digits, ground truth consistent with pixels."""
-import hashlib
+import shutil
 
 import numpy as np
 import pytest
@@ -7,16 +7,9 @@ from PIL import Image
 
 from tlvit.data.canvases import BACKGROUND, CanvasSpec, load_gt_maps, load_source_digits, write_canvases
 from tlvit.data.datasets import index_split
+from tlvit.io import tree_digest as digest
 
 SPEC = CanvasSpec(train=60, val=20, single=20, composed=30, seed=3)
-
-
-def digest(root):
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            h.update(p.relative_to(root).as_posix().encode() + p.read_bytes())
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +26,28 @@ def test_same_seed_same_bytes_other_seed_differs(canvases, tmp_path):
     other = tmp_path / "other"
     write_canvases(other, CanvasSpec(train=60, val=20, single=20, seed=4))
     assert digest(other) != digest(canvases)
+
+
+def test_the_digest_later_stages_depend_on_sees_every_change(canvases, tmp_path):
+    """dataset.json's digest stands for the whole tree in dvc.yaml: a changed byte, a renamed (relabelled)
+    or a removed image must each change it; the excluded name must not."""
+    copy = tmp_path / "copy"
+    shutil.copytree(canvases, copy)
+    (copy / "dataset.json").write_text("{}")
+    base = digest(copy, exclude=("dataset.json",))
+    assert base == digest(canvases)
+    image = sorted((copy / "train").rglob("*.png"))[0]
+    data = bytearray(image.read_bytes())
+    data[-20] ^= 1
+    image.write_bytes(bytes(data))
+    assert digest(copy, exclude=("dataset.json",)) != base
+    image.write_bytes(image.read_bytes()[:-20] + bytes([data[-20] ^ 1]) + image.read_bytes()[-19:])
+    assert digest(copy, exclude=("dataset.json",)) == base
+    other_class = "1" if image.parent.name != "1" else "2"
+    image.rename(image.parent.parent / other_class / image.name)
+    assert digest(copy, exclude=("dataset.json",)) != base
+    (image.parent.parent / other_class / image.name).unlink()
+    assert digest(copy, exclude=("dataset.json",)) != base
 
 
 def test_train_and_val_digits_are_disjoint():

@@ -110,6 +110,20 @@ def test_dense_maps_take_the_same_path():
         assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(got, ref))
 
 
+def test_bfloat16_maps_read_the_same_locations():
+    """bfloat16 probabilities (autocast on a GPU): every sample still reads the location float32 reads.
+    18 x 18 = 324 locations: bfloat16 numbers them exactly only up to 256, so the geometry must not run in it."""
+    g = torch.Generator().manual_seed(7)
+    logits, classes, theta, clips = random_case(g, 4, 1000, 5, (18, 18), num_clips=1)
+    maps = topk_label_maps(logits, classes, 1000)
+    half = type(maps)(maps.probs.bfloat16(), *maps[1:])
+    ref = resample_label_maps(type(maps)(half.probs.float(), *maps[1:]), theta, (14, 14), 4, clips)
+    got = resample_label_maps(half, theta, (14, 14), 4, clips)
+    assert got[0].dtype == torch.bfloat16
+    for a, b in zip(got, ref):  # bfloat16 rounding of the sums (~2^-8 relative), not another location's label
+        assert (a.float() - b).abs().max() < 1e-2
+
+
 @pytest.mark.parametrize("kind", ["relabel", "token_labeling"])
 @pytest.mark.parametrize("absent", ["zero_prob", "zero_logit"])
 def test_supervision_targets_equal_the_dense_reference(kind, absent):

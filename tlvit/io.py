@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -66,3 +67,17 @@ def save_torch_atomic(obj: Any, path: str | Path) -> None:
 
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def tree_digest(root: str | Path, exclude: tuple[str, ...] = ()) -> str:
+    """md5 over every file under `root` (relative path and contents, in sorted order), except `exclude` names.
+
+    What the data stage records in dataset.json, so that later stages can depend on that one file instead of
+    each re-reading a tree of thousands of images on every `dvc status` (the data stage's own outs still do).
+    """
+    root = Path(root)
+    h = hashlib.md5()
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name not in exclude):
+        h.update(str(path.relative_to(root)).encode() + b"\0")
+        h.update(hashlib.md5(path.read_bytes()).digest())
+    return h.hexdigest()

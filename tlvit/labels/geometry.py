@@ -99,14 +99,17 @@ def resample_label_maps(
     Gh, Gw = out_hw
     s = samples_per_cell
     dev = probs.device
-    grid = F.affine_grid(theta.to(probs.dtype), [B, 1, Gh * s, Gw * s], align_corners=False)
+    # Geometry in float32 at least, whatever the probabilities' dtype: location numbers must be exact
+    # integers (bfloat16 holds them only up to 256, fewer than a 18x18 map has) and the sample grid exact too.
+    gdtype = torch.promote_types(probs.dtype, torch.float32)
+    grid = F.affine_grid(theta.to(gdtype), [B, 1, Gh * s, Gw * s], align_corners=False)
     # Which stored location each sample reads, 0 = outside the image: grid_sample's own nearest rounding
     # applied to location numbers, so it is exactly the location that sampling dense maps reads.
-    numbers = torch.arange(1, h * w + 1, dtype=probs.dtype, device=dev).view(1, 1, h, w).expand(B, 1, h, w)
+    numbers = torch.arange(1, h * w + 1, dtype=gdtype, device=dev).view(1, 1, h, w).expand(B, 1, h, w)
     loc = F.grid_sample(numbers, grid, mode="nearest", padding_mode="zeros", align_corners=False).flatten(1).long()
     weight = (loc > 0).to(probs.dtype)  # [B, P]
     if clips is not None:
-        weight *= clip_mask(clips.to(probs.dtype), grid.shape[1:3]).flatten(1)
+        weight *= clip_mask(clips.to(gdtype), grid.shape[1:3]).flatten(1).to(probs.dtype)
     loc = loc.sub_(1).clamp_min_(0)
     P = loc.shape[1]
     cell_of = (torch.arange(Gh * s, device=dev)[:, None] // s * Gw + torch.arange(Gw * s, device=dev) // s).flatten()
