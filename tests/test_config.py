@@ -55,6 +55,33 @@ def test_imagenet_preset_names_the_missing_dataset(tmp_path, monkeypatch):
         main(["--params", str(params)])
 
 
+def test_imagenet_dataset_json_carries_a_digest_of_the_listing(tmp_path, monkeypatch):
+    """Later stages depend on dataset.json alone (dvc.yaml): relabelling an ImageNet image must change it."""
+    import json
+    import shutil
+
+    from test_score_maps import make_imagefolder
+
+    from pipeline.data import main
+
+    images = make_imagefolder(tmp_path / "imagenet")
+    shutil.copytree(images / "train", images / "val")
+    params = tmp_path / "params.yaml"
+    text = PARAMS.read_text().replace("preset: embedded", "preset: imagenet", 1)
+    params.write_text(text.replace("root: /datasets/imagenet", f"root: {images}"))
+    monkeypatch.chdir(tmp_path)
+
+    def written():
+        main(["--params", str(params)])
+        return json.loads((tmp_path / "data" / "imagenet" / "dataset.json").read_text())
+
+    first = written()
+    assert first["splits"] == {"train": 6, "val": 6} and len(first["digest"]) == 32
+    assert written()["digest"] == first["digest"]
+    (images / "val" / "a" / "0.png").rename(images / "val" / "b" / "moved.png")
+    assert written()["digest"] != first["digest"]
+
+
 def test_every_table_row_is_defined_and_builds_under_every_preset():
     import timm
     import torch

@@ -78,6 +78,6 @@ def tree_digest(root: str | Path, exclude: tuple[str, ...] = ()) -> str:
     root = Path(root)
     h = hashlib.md5()
     for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name not in exclude):
-        h.update(str(path.relative_to(root)).encode() + b"\0")
+        h.update(path.relative_to(root).as_posix().encode() + b"\0")
         h.update(hashlib.md5(path.read_bytes()).digest())
     return h.hexdigest()
