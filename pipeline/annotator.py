@@ -10,11 +10,10 @@ import torch
 from pipeline import run_stage
 from tlvit.config import ConfigError, load_params, preset_section
 from tlvit.data.canvases import load_gt_maps
-from tlvit.data.datasets import DenseLabelDataset, EvalGeometry, TrainGeometry
+from tlvit.data.datasets import DATA_STATS, DenseLabelDataset, EvalGeometry, TrainGeometry
 from tlvit.io import save_torch_atomic, write_json
 from tlvit.labels.annotator import build_annotator, cell_targets, dense_logits, file_sha256, image_accuracy, train_annotator
 from tlvit.layout import Layout
-from tlvit.train import DATA_STATS
 
 
 def main(argv=None) -> None:

@@ -13,17 +13,16 @@ import numpy as np
 from pipeline import run_stage
 from tlvit.config import load_params, preset_section
 from tlvit.data.canvases import BACKGROUND, load_gt_maps
-from tlvit.data.datasets import DenseLabelDataset, EvalGeometry
+from tlvit.data.datasets import DATA_STATS, DenseLabelDataset, EvalGeometry
 from tlvit.io import write_json
 from tlvit.labels.annotator import build_annotator, dense_label_accuracy, generate_score_maps
 from tlvit.labels.score_maps import ScoreMapWriter
 from tlvit.layout import Layout
-from tlvit.train import DATA_STATS
 
 
-def write_oracle_store(layout: Layout, split: str, num_classes: int) -> None:
-    """Ground-truth class maps as a k=1 store; background pixels take the image label."""
-    paths, maps, labels = load_gt_maps(layout.dataset()["root"], split)
+def write_oracle_store(layout: Layout, split: str, num_classes: int, paths: list[str], maps: np.ndarray,
+                       labels: np.ndarray) -> None:
+    """Ground-truth class maps (`load_gt_maps`) as a k=1 store; background pixels take the image label."""
     classes = np.where(maps == BACKGROUND, labels[:, None, None], maps).astype(np.uint8)[:, None]
     writer = ScoreMapWriter(layout.score_maps("oracle", split), num_images=len(paths), k=1, grid=maps.shape[1:],
                             num_classes=num_classes, meta={"annotator": "oracle (ground-truth maps)"}, chunk=len(paths))
@@ -55,7 +54,7 @@ def main(argv=None) -> None:
             gt_paths, gt_maps, gt_labels = load_gt_maps(data["root"], split)
             acc = dense_label_accuracy(store, gt_paths, gt_maps, gt_labels, meta["num_classes"])
             metrics.update({f"{split}_{k}": v for k, v in acc.items()})
-            write_oracle_store(layout, split, meta["num_classes"])
+            write_oracle_store(layout, split, meta["num_classes"], gt_paths, gt_maps, gt_labels)
     write_json(layout.metrics_dir / "scoremaps.json", metrics)
     print("scoremaps:", json.dumps({k: v for k, v in metrics.items() if "class" not in k}))
 

@@ -62,11 +62,17 @@ def save_npz_atomic(path: str | Path, **arrays: np.ndarray) -> None:
 
 
 def save_torch_atomic(obj: Any, path: str | Path) -> None:
-    """Atomically torch.save (checkpoints survive a kill mid-write)."""
+    """Atomically torch.save (checkpoints survive a kill mid-write); the same object gives the same bytes.
+
+    Saved through a file object: given a path, torch.save names the archive's records after the file,
+    here a random temporary name, so identical weights hashed differently on every run (and DVC re-ran
+    everything downstream of a re-trained annotator although its weights had not changed).
+    """
     import torch
 
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
 
 
 def tree_digest(root: str | Path, exclude: tuple[str, ...] = ()) -> str:

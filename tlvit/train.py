@@ -18,7 +18,7 @@ from timm.data.random_erasing import RandomErasing
 from torch.utils.data import DataLoader
 
 from tlvit.config import config_hash
-from tlvit.data.datasets import DenseLabelDataset, EvalGeometry, TrainGeometry, hash_seed
+from tlvit.data.datasets import DATA_STATS, DenseLabelDataset, EvalGeometry, TrainGeometry, hash_seed
 from tlvit.data.rand_augment import build_rand_augment
 from tlvit.distributed import DistEnv, barrier, init_distributed
 from tlvit.engine import TrainForward, evaluate, train_one_epoch
@@ -28,11 +28,6 @@ from tlvit.samplers import ShardSampler, train_sampler
 from tlvit.supervision import Supervision, needs_score_maps
 
 log = logging.getLogger(__name__)
-
-# Embedded canvases are grey digits on black; ImageNet statistics for everything else.
-DATA_STATS = {"canvases": ((0.1, 0.1, 0.1), (0.25, 0.25, 0.25)),
-              "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
-
 
 @dataclass
 class RunInputs:

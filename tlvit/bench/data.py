@@ -40,7 +40,7 @@ def build_datasets(cfg: dict, fixture: Fixture):
 
     from tlvit.data.datasets import DenseLabelDataset, TrainGeometry
     from tlvit.data.rand_augment import build_rand_augment
-    from tlvit.train import DATA_STATS
+    from tlvit.data.datasets import DATA_STATS
 
     mean, std = DATA_STATS[fixture.kind]
     rand_augment = build_rand_augment(cfg["rand_augment"], cfg["img_size"], mean) if cfg.get("rand_augment") else None

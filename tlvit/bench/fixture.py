@@ -74,7 +74,7 @@ def ensure_fixture(workdir: Path, sections: dict, n_train: int) -> Fixture:
     """Canvases and their train split's score-map store under `workdir` (built once, then reused)."""
     from tlvit.data.datasets import DenseLabelDataset, EvalGeometry
     from tlvit.labels.annotator import generate_score_maps
-    from tlvit.train import DATA_STATS
+    from tlvit.data.datasets import DATA_STATS
 
     root = ensure_canvases(workdir, sections, n_train)
     store = workdir / f"store-{n_train}"

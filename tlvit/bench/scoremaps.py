@@ -38,7 +38,7 @@ def run(out_dir: str | Path, *, quick: bool = False, preset: str = "embedded", w
     from tlvit.data.datasets import DenseLabelDataset, EvalGeometry
     from tlvit.labels.annotator import generate_score_maps
     from tlvit.labels.score_maps import ScoreMapStore
-    from tlvit.train import DATA_STATS
+    from tlvit.data.datasets import DATA_STATS
 
     sections, _ = loader_config(preset, paths)
     ann, cfg = sections["annotator"], sections["scoremaps"]

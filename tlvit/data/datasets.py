@@ -26,6 +26,11 @@ def hash_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
 
 
+# Normalisation per data kind: embedded canvases are grey digits on black; ImageNet statistics otherwise.
+DATA_STATS = {"canvases": ((0.1, 0.1, 0.1), (0.25, 0.25, 0.25)),
+              "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
+
+
 class DatasetError(RuntimeError):
     """A dataset folder or image that cannot be used; the message names it and the fix."""
 

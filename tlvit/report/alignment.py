@@ -60,7 +60,7 @@ def _device():
 
 def _val(results: Results, cfg: dict):
     from tlvit.data.datasets import DenseLabelDataset, EvalGeometry
-    from tlvit.train import DATA_STATS
+    from tlvit.data.datasets import DATA_STATS
 
     data = results.layout.dataset()
     mean, std = DATA_STATS[data["kind"]]
