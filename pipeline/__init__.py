@@ -35,13 +35,17 @@ def run_stage(main: Callable[[], None]) -> None:
 
 
 def record_imports(path: Path) -> None:
-    """Write (merging with what is there: the train stage runs once per row) the repository files loaded."""
+    """Write (merging with what is there: the train stage runs once per row) the repository's own modules
+    loaded: files under tlvit/ and pipeline/ (not a virtual environment that may live in the checkout)."""
     root = Path(__file__).resolve().parent.parent
     loaded = set()
     for module in list(sys.modules.values()):
         file = getattr(module, "__file__", None)
-        if file and Path(file).is_absolute() and Path(file).resolve().is_relative_to(root):  # (some are relative)
-            loaded.add(Path(file).resolve().relative_to(root).as_posix())
+        if not file or not Path(file).is_absolute():  # a few of torch's modules carry bare names
+            continue
+        rel = Path(file).resolve()
+        if rel.is_relative_to(root) and rel.relative_to(root).parts[0] in ("tlvit", "pipeline"):
+            loaded.add(rel.relative_to(root).as_posix())
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():
         loaded |= set(json.loads(path.read_text()))
