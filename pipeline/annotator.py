@@ -42,10 +42,7 @@ def main(argv=None) -> None:
         if targets == "composition":
             # whole canvases at their own size: each map location then covers a fixed cell of the label map
             train_ds = DenseLabelDataset(data["root"], cfg["train_split"], EvalGeometry(cfg["train_size"]), mean, std)
-            paths, gt_maps, _ = load_gt_maps(data["root"], cfg["train_split"])
-            if list(paths) != list(train_ds.paths):
-                raise ConfigError(f"{data['root']}/gt_maps_{cfg['train_split']}.npz does not list the split's images; "
-                                  "regenerate it with `dvc repro data --force`")
+            _, gt_maps, _ = load_gt_maps(data["root"], cfg["train_split"], expect_paths=train_ds.paths)
             with torch.no_grad():
                 grid = tuple(dense_logits(model.eval(), train_ds[0]["image"][None]).shape[2:])
             cells = cell_targets(gt_maps, grid)

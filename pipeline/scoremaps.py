@@ -51,8 +51,8 @@ def main(argv=None) -> None:
         metrics["bytes_per_image"] = store.bytes_per_image()
         metrics["grid"] = list(store.grid)
         if data["kind"] == "canvases":
-            gt_paths, gt_maps, gt_labels = load_gt_maps(data["root"], split)
-            acc = dense_label_accuracy(store, gt_paths, gt_maps, gt_labels, meta["num_classes"])
+            gt_paths, gt_maps, gt_labels = load_gt_maps(data["root"], split, expect_paths=store.index["paths"])
+            acc = dense_label_accuracy(store, gt_maps, gt_labels, meta["num_classes"])
             metrics.update({f"{split}_{k}": v for k, v in acc.items()})
             write_oracle_store(layout, split, meta["num_classes"], gt_paths, gt_maps, gt_labels)
     write_json(layout.metrics_dir / "scoremaps.json", metrics)

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from tlvit.data.canvases import BACKGROUND, CanvasSpec, load_gt_maps, load_source_digits, write_canvases
-from tlvit.data.datasets import index_split
+from tlvit.data.datasets import DatasetError, index_split
 from tlvit.io import tree_digest as digest
 
 SPEC = CanvasSpec(train=60, val=20, single=20, composed=30, seed=3)
@@ -109,3 +109,13 @@ def test_cell_targets_name_the_digit_with_most_ink_and_ignore_background():
     assert cell_targets(gt, (2, 2)).tolist() == [[[3, IGNORE], [4, 7]]]
     with pytest.raises(ValueError, match="whole cells"):
         cell_targets(gt, (3, 3))
+
+
+def test_gt_maps_listing_other_images_stop_with_the_file_and_the_fix(canvases):
+    rel, _, _ = index_split(canvases, "train")
+    paths, _, _ = load_gt_maps(canvases, "train", expect_paths=rel)
+    assert paths == rel
+    with pytest.raises(DatasetError, match=r"gt_maps_train\.npz: lists other images.*dvc repro --force data"):
+        load_gt_maps(canvases, "train", expect_paths=rel[1:] + rel[:1])  # same images, another order
+    with pytest.raises(DatasetError, match=r"gt_maps_train\.npz"):
+        load_gt_maps(canvases, "train", expect_paths=rel[:-1])

@@ -129,3 +129,26 @@ def test_cooldown_and_repeated_aug_train_deterministically_and_resume_exactly(ti
     # repeated augmentation changes what the model sees (same seed, same schedule)
     plain = train(dict(cfg, repeated_aug=0), 0, tmp_path / "plain", tiny_data, tracking=False, show_progress=False)
     assert plain["curves"]["train_loss"] != full["curves"]["train_loss"]
+
+
+def test_train_split_follows_the_config_and_is_what_training_and_the_data_benchmark_use(tiny_data, tmp_path, monkeypatch):
+    from tlvit.bench import data as bench_data
+    from tlvit.data.datasets import train_split
+
+    cfg = dict(tiny_cfg(), rand_augment="rand-m9-mstd0.5-inc1", reprob=0.25, hflip=0.5, crop_scale=[0.3, 0.9])
+    ds = train_split(cfg, tiny_data.data_root, tiny_data.data_kind, score_maps=tiny_data.score_maps)
+    assert ds.geometry.rand_augment is not None and ds.erasing is not None and ds.store is not None
+    assert (ds.geometry.size, ds.geometry.scale, ds.geometry.hflip) == (cfg["img_size"], (0.3, 0.9), 0.5)
+    plain = train_split(tiny_cfg(), tiny_data.data_root, tiny_data.data_kind)
+    assert plain.geometry.rand_augment is None and plain.erasing is None and plain.store is None
+    # the benchmark's two loaders are this split with and without maps, item for item
+    fixture = type("F", (), {"root": tiny_data.data_root, "kind": tiny_data.data_kind, "store": tiny_data.score_maps})
+    without, with_maps = bench_data.build_datasets(cfg, fixture)
+    for d in (ds, without, with_maps):
+        d.set_epoch(0, 1)
+    assert torch.equal(without[5]["image"], ds[5]["image"]) and torch.equal(with_maps[5]["topk_logits"], ds[5]["topk_logits"])
+    assert without.store is None
+    # train() builds its split with it (a spy that fails loudly proves the call)
+    monkeypatch.setattr(train_mod, "train_split", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("train_split called")))
+    with pytest.raises(RuntimeError, match="train_split called"):
+        train(tiny_cfg(), 0, tmp_path / "spy-run", tiny_data, tracking=False, show_progress=False)

@@ -14,12 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from timm.data.random_erasing import RandomErasing
 from torch.utils.data import DataLoader
 
 from tlvit.config import config_hash
-from tlvit.data.datasets import DATA_STATS, DenseLabelDataset, EvalGeometry, TrainGeometry, hash_seed
-from tlvit.data.rand_augment import build_rand_augment
+from tlvit.data.datasets import hash_seed, train_split, val_split
 from tlvit.distributed import DistEnv, barrier, init_distributed
 from tlvit.engine import TrainForward, evaluate, train_one_epoch
 from tlvit.io import atomic_path, save_torch_atomic, write_json
@@ -182,17 +180,12 @@ def train(cfg: dict, seed: int, run_dir: str | Path, inputs: RunInputs, *, devic
     sup_cfg = cfg["supervision"]
 
     # ---------------------------------------------------------------- data
-    mean, std = DATA_STATS[inputs.data_kind]
-    rand_augment = build_rand_augment(cfg["rand_augment"], cfg["img_size"], mean) if cfg.get("rand_augment") else None
-    geometry = TrainGeometry(cfg["img_size"], tuple(cfg["crop_scale"]), tuple(cfg["crop_ratio"]), cfg["hflip"],
-                             rand_augment=rand_augment)
-    erasing = RandomErasing(cfg["reprob"], mode="pixel", device="cpu") if cfg.get("reprob") else None
     uses_maps = needs_score_maps(sup_cfg["kind"], sup_cfg["cls_target"])
     store = inputs.score_maps if uses_maps else None
     if uses_maps and store is None:
         raise ValueError(f"row {cfg.get('row')!r}: supervision {sup_cfg['kind']!r} needs score maps; none given")
-    train_ds = DenseLabelDataset(inputs.data_root, "train", geometry, mean, std, score_maps=store, erasing=erasing)
-    val_ds = DenseLabelDataset(inputs.data_root, "val", EvalGeometry(cfg["img_size"], cfg.get("crop_pct", 1.0)), mean, std)
+    train_ds = train_split(cfg, inputs.data_root, inputs.data_kind, score_maps=store)
+    val_ds = val_split(cfg, inputs.data_root, inputs.data_kind)
     num_classes = len(train_ds.classes)
 
     # ---------------------------------------------------------------- model, supervision, optimizer

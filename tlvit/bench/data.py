@@ -35,21 +35,10 @@ def loader_config(preset: str, paths: tuple[Path, Path] | None = None) -> tuple[
 
 
 def build_datasets(cfg: dict, fixture: Fixture):
-    """(without score maps, with score maps): the train split as `tlvit.train.train` builds it."""
-    from timm.data.random_erasing import RandomErasing
+    """(without score maps, with score maps): the train split exactly as `tlvit.train.train` builds it."""
+    from tlvit.data.datasets import train_split
 
-    from tlvit.data.datasets import DenseLabelDataset, TrainGeometry
-    from tlvit.data.rand_augment import build_rand_augment
-    from tlvit.data.datasets import DATA_STATS
-
-    mean, std = DATA_STATS[fixture.kind]
-    rand_augment = build_rand_augment(cfg["rand_augment"], cfg["img_size"], mean) if cfg.get("rand_augment") else None
-    geometry = TrainGeometry(cfg["img_size"], tuple(cfg["crop_scale"]), tuple(cfg["crop_ratio"]), cfg["hflip"],
-                             rand_augment=rand_augment)
-    erasing = RandomErasing(cfg["reprob"], mode="pixel", device="cpu") if cfg.get("reprob") else None
-    plain = DenseLabelDataset(fixture.root, "train", geometry, mean, std, erasing=erasing)
-    maps = DenseLabelDataset(fixture.root, "train", geometry, mean, std, score_maps=fixture.store, erasing=erasing)
-    return plain, maps
+    return train_split(cfg, fixture.root, fixture.kind), train_split(cfg, fixture.root, fixture.kind, fixture.store)
 
 
 def process_cpu_seconds(pid: int) -> float:

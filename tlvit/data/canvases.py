@@ -160,10 +160,22 @@ def write_canvases(out_dir: str | Path, spec: CanvasSpec) -> dict:
     return stats
 
 
-def load_gt_maps(root: str | Path, split: str) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Relative image paths, ground-truth class maps [N, S, S] (uint8, 255 = background) and labels of a split."""
+def load_gt_maps(root: str | Path, split: str, expect_paths: list[str] | None = None,
+                 ) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Relative image paths, ground-truth class maps [N, S, S] (uint8, 255 = background) and labels of a split.
+
+    expect_paths: the images, in order, that the caller pairs the maps with (a dataset split, a score-map
+    store); maps that list others were written for other data and would be scored row by row against the
+    wrong images, so they stop here.
+    """
     path = Path(root) / f"gt_maps_{split}.npz"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no ground-truth maps (only embedded canvases have them); run `dvc repro data`")
     with np.load(path) as z:
-        return [str(p) for p in z["paths"]], z["maps"], z["labels"]
+        paths, maps, labels = [str(p) for p in z["paths"]], z["maps"], z["labels"]
+    if expect_paths is not None and paths != [str(p) for p in expect_paths]:
+        from tlvit.data.datasets import DatasetError
+
+        raise DatasetError(f"{path}: lists other images than {Path(root) / split} (or its score maps) in that order; "
+                           "regenerate the data with `dvc repro --force data`")
+    return paths, maps, labels

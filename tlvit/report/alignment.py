@@ -59,12 +59,10 @@ def _device():
 
 
 def _val(results: Results, cfg: dict):
-    from tlvit.data.datasets import DenseLabelDataset, EvalGeometry
-    from tlvit.data.datasets import DATA_STATS
+    from tlvit.data.datasets import DATA_STATS, val_split
 
     data = results.layout.dataset()
-    mean, std = DATA_STATS[data["kind"]]
-    return DenseLabelDataset(data["root"], "val", EvalGeometry(cfg["img_size"], cfg.get("crop_pct", 1.0)), mean, std), mean, std
+    return val_split(cfg, data["root"], data["kind"]), *DATA_STATS[data["kind"]]
 
 
 def _align(model, x, labels, num_classes: int, seed: int, lam_range=(0.0, 1.0), tries: int = 20):
