@@ -43,9 +43,9 @@ def record_imports(path: Path) -> None:
         file = getattr(module, "__file__", None)
         if not file or not Path(file).is_absolute():  # a few of torch's modules carry bare names
             continue
-        rel = Path(file).resolve()
-        if rel.is_relative_to(root) and rel.relative_to(root).parts[0] in ("tlvit", "pipeline"):
-            loaded.add(rel.relative_to(root).as_posix())
+        resolved = Path(file).resolve()
+        if resolved.is_relative_to(root) and resolved.relative_to(root).parts[0] in ("tlvit", "pipeline"):
+            loaded.add(resolved.relative_to(root).as_posix())
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():
         loaded |= set(json.loads(path.read_text()))

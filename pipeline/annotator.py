@@ -59,9 +59,14 @@ def main(argv=None) -> None:
             "weights_sha256": file_sha256(weights), "trained_on": cfg["train_split"] if history else None,
             "targets": targets if history else None,
             "source": "trained here" if history else ("checkpoint " + str(cfg["checkpoint"]) if cfg["checkpoint"] else "timm pretrained")}
+    # Timings go to the metrics file only: annotator.json is part of the stage's output, which the score-map
+    # stage depends on, so a speed in it would re-run that stage after every annotator run although the
+    # weights are byte-identical.
+    speeds = [epoch.pop("images_per_s") for epoch in history]
     write_json(out / "annotator.json", {**meta, "history": history})
     write_json(layout.metrics_dir / "annotator.json", {"val_top1": round(top1, 3), "train_time_s": round(time.time() - t0, 1),
-                                                        "epochs": len(history)})
+                                                        "epochs": len(history),
+                                                        "train_images_per_s": [round(v, 1) for v in speeds]})
     print(f"annotator: {cfg['model']} val top-1 {top1:.2f}% -> {weights}")
     print(json.dumps(meta, indent=1))
 

@@ -133,3 +133,19 @@ def test_composition_targets_train_each_location_on_its_own_cell(tmp_path):
     with pytest.raises(ValueError, match=r"does not match the label cells \(4, 4\)"):
         train_annotator(model, ds, epochs=1, batch_size=8, lr=1e-2, weight_decay=0.0, seed=0,
                         cells=torch.zeros(len(ds), 4, 4, dtype=torch.long), log=lambda *_: None)
+
+
+def test_read_is_a_private_copy_and_pickling_sends_no_map_bytes(tmp_path):
+    import pickle
+
+    paths = [f"x/{i}.png" for i in range(400)]
+    store = write_store(tmp_path / "s", paths, k=3, grid=(8, 8), chunk=64)
+    logits, classes = store.read(7)
+    assert type(logits) is np.ndarray and logits.flags.writeable and logits.base is None, "a copy the sample owns"
+    logits[:] = -1  # must not reach the store (opened read-only)
+    assert store.read(7)[0][0, 0, 0] == 7
+    blob = pickle.dumps(store)  # what a spawn/forkserver loader worker receives
+    assert len(blob) < store.logits.nbytes // 4, f"{len(blob)} bytes: the maps' data went into the pickle"
+    again = pickle.loads(blob)
+    for i in (0, 7, 399):
+        assert all(np.array_equal(a, b) for a, b in zip(again.read(i), store.read(i)))
