@@ -186,4 +186,83 @@ def test_repro_quick_through_the_cli(tmp_path):
     rec = load_record(tmp_path, "repro")
     smoke = rec["results"]["smoke"]
     assert smoke["stages"] == ["data"] and smoke["noop_s"]["n"] == 1
-    assert rec["targets"][0]["threshold"] == 3.0
+    assert list(smoke["stage_wall_s"]) == ["data"] and 0 < smoke["stage_wall_s"]["data"] <= smoke["clean_s"]
+    log = (tmp_path / "repro-smoke.stages.tsv").read_text().splitlines()
+    assert log[0] == "stage\tended_utc\twall_s" and [line.split("\t")[0] for line in log[1:]] == ["data"]
+    assert [t["threshold"] for t in rec["targets"]] == [3.0]  # --quick: no clean-run target, the run is not the preset's
+
+
+def test_clean_run_targets_apply_only_to_the_run_they_were_set_for():
+    from tlvit.bench.repro import clean_target_min
+
+    assert clean_target_min("embedded-full", "cpu", quick=False, all_rows=True) == 480.0
+    assert clean_target_min("embedded-full", "gpu", quick=False, all_rows=True) == 60.0
+    assert clean_target_min("embedded", "cpu", quick=False, all_rows=False) == 30.0
+    assert clean_target_min("embedded-full", "cpu", quick=False, all_rows=False) is None  # two rows, not the full run
+    assert clean_target_min("embedded", "cpu", quick=False, all_rows=True) is None  # every row at 30 epochs: ~21 h
+    assert clean_target_min("embedded-full", "cpu", quick=True, all_rows=True) is None  # data stage only
+    assert clean_target_min("smoke", "cpu", quick=False, all_rows=False) is None
+    assert clean_target_min("embedded", "gpu", quick=False, all_rows=False) is None
+
+
+def _dvc_repo(root: Path, stages: dict[str, str]) -> tuple[Path, dict]:
+    """A git + DVC repository whose dvc.yaml has the given `name: cmd` stages (no deps/outs: they always run)."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True, env=env)
+    subprocess.run(["dvc", "init", "-q"], cwd=root, check=True, env=env)
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {k: {"cmd": v} for k, v in stages.items()}}, sort_keys=False))
+    return root, env
+
+
+@pytest.mark.e2e
+def test_repro_times_each_stage_and_reports_a_failure(tmp_path):
+    """Real `dvc repro`: each stage's wall time goes to the stage DVC ran it as, in order; a failing stage raises
+    with the end of its output."""
+    from tlvit.bench.repro import timed_repro
+
+    repo, env = _dvc_repo(tmp_path, {"short": "sleep 1", "long": "sleep 2.5", "broken": "echo boom-from-the-stage; exit 3"})
+    log = tmp_path / "stages.tsv"
+    seconds, stages, walls = timed_repro(repo, env, ["short", "long"], timeout=120, stage_log=log)
+    assert stages == ["short", "long"] == list(walls)
+    assert 1.0 <= walls["short"] < 2.5 <= walls["long"] and walls["short"] + walls["long"] <= seconds + 0.2
+    assert [line.split("\t")[0] for line in log.read_text().splitlines()] == ["short", "long"]
+    with pytest.raises(RuntimeError, match="boom-from-the-stage"):
+        timed_repro(repo, env, ["broken"], timeout=120)
+
+
+@pytest.mark.e2e
+def test_repro_timeout_stops_the_running_stage(tmp_path):
+    """The timeout kills DVC and the stage it runs (which holds the output pipe), not only DVC."""
+    import time
+
+    from tlvit.bench.repro import timed_repro
+
+    repo, env = _dvc_repo(tmp_path, {"stuck": "sleep 60"})
+    t0 = time.perf_counter()
+    with pytest.raises(TimeoutError, match="ran past 3 s"):
+        timed_repro(repo, env, ["stuck"], timeout=3)
+    assert time.perf_counter() - t0 < 45  # had only dvc been killed, reading its output would wait for the sleep
+
+
+@pytest.mark.e2e
+def test_repro_all_rows_fills_every_table(tmp_path):
+    """--repro-all-rows: the copy's params.yaml lists what `tlvit rows --all --write` would (checked on smoke, data only)."""
+    from tlvit.bench import repro
+    from tlvit.config import load_params
+
+    import shutil
+
+    rec = repro.run(tmp_path / "out", quick=True, presets=("smoke",), all_rows=True, keep=True)
+    res = rec["results"]["smoke"]
+    params = load_params(Path(res["copy"]) / "params.yaml")
+    shutil.rmtree(res["copy"])  # kept (outside tmp_path) only to read its params
+    rows, finetunes = repro.every_table_row("smoke")
+    assert params["rows"] == rows and params["finetunes"] == finetunes and params["preset"] == "smoke"
+    assert len(rows) + len(finetunes) >= 40 and "lvvit_s_token_labeling_384" in finetunes
+    assert res["all_rows"] is True and res["stages"] == ["data"]

@@ -25,6 +25,9 @@ def add_parser(sub) -> None:
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: per benchmark)")
     p.add_argument("--repro-presets", nargs="+", default=["smoke"],
                    help="presets `repro` runs from clean (the embedded one takes ~30 min on 2 cores)")
+    p.add_argument("--repro-all-rows", action="store_true",
+                   help="repro: train every table's rows (`tlvit rows --all --write` in the copy); with "
+                        "--repro-presets embedded-full that is the whole ~7.5 h run (targets: <= 8 h on CPU, <= 1 h on a GPU)")
     p.add_argument("--peak-tflops", type=float, default=None, help="gpu: the GPU's dense bf16 peak, for MFU on unknown GPUs")
     p.add_argument("--workdir", type=Path, default=None, help="data/scoremaps: where to build the benchmark dataset (default: a temp dir)")
     p.add_argument("--data", type=Path, default=None, help="data: an ImageFolder root to load instead of built canvases")
@@ -80,7 +83,8 @@ def _run_all(args: argparse.Namespace, which: list[str], wd: Path, preset: str, 
         elif name == "repro":
             from tlvit.bench import repro
 
-            records.append(repro.run(args.out, quick=args.quick, presets=tuple(args.repro_presets)))
+            records.append(repro.run(args.out, quick=args.quick, presets=tuple(args.repro_presets),
+                                     all_rows=args.repro_all_rows))
         elif name == "gpu":
             from tlvit.bench import gpu
 
