@@ -226,11 +226,12 @@ def test_repro_times_each_stage_and_reports_a_failure(tmp_path):
     with the end of its output."""
     from tlvit.bench.repro import timed_repro
 
-    repo, env = _dvc_repo(tmp_path, {"short": "sleep 1", "long": "sleep 2.5", "broken": "echo boom-from-the-stage; exit 3"})
+    repo, env = _dvc_repo(tmp_path, {"short": "sleep 1", "long": "sleep 4", "broken": "echo boom-from-the-stage; exit 3"})
     log = tmp_path / "stages.tsv"
     seconds, stages, walls = timed_repro(repo, env, ["short", "long"], timeout=120, stage_log=log)
     assert stages == ["short", "long"] == list(walls)
-    assert 1.0 <= walls["short"] < 2.5 <= walls["long"] and walls["short"] + walls["long"] <= seconds + 0.2
+    assert 1.0 <= walls["short"] < 4.0 <= walls["long"]  # swapped or merged stages fail this
+    assert walls["short"] + walls["long"] <= seconds + 0.2
     assert [line.split("\t")[0] for line in log.read_text().splitlines()] == ["short", "long"]
     with pytest.raises(RuntimeError, match="boom-from-the-stage"):
         timed_repro(repo, env, ["broken"], timeout=120)
@@ -253,10 +254,10 @@ def test_repro_timeout_stops_the_running_stage(tmp_path):
 @pytest.mark.e2e
 def test_repro_all_rows_fills_every_table(tmp_path):
     """--repro-all-rows: the copy's params.yaml lists what `tlvit rows --all --write` would (checked on smoke, data only)."""
+    import shutil
+
     from tlvit.bench import repro
     from tlvit.config import load_params
-
-    import shutil
 
     rec = repro.run(tmp_path / "out", quick=True, presets=("smoke",), all_rows=True, keep=True)
     res = rec["results"]["smoke"]
