@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from tlvit.bench.repro import STAGE_LINE
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -18,6 +20,11 @@ def sh(cmd: list[str], cwd: Path, env: dict, check: bool = True) -> subprocess.C
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}")
     return p
+
+
+def ran_stages(dvc_output: str) -> list[str]:
+    """The stages `dvc repro` ran, in order, read the way `tlvit bench repro` reads them."""
+    return STAGE_LINE.findall(dvc_output)
 
 
 def set_preset(text: str, preset: str) -> str:

@@ -8,13 +8,9 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from repo_copy import committed_copy, set_preset, sh
+from repo_copy import committed_copy, ran_stages, set_preset, sh
 
 pytestmark = pytest.mark.e2e
-
-
-def ran_stages(output: str) -> list[str]:
-    return re.findall(r"Running stage '([^']+)'", output)
 
 
 @pytest.fixture(scope="module")

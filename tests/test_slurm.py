@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from repo_copy import committed_copy, set_preset, sh
+from repo_copy import committed_copy, ran_stages, set_preset, sh
 from test_launch import make_tiny_repo
 from tlvit.launch import records as rec
 from tlvit.launch.launcher import launch_rows
@@ -209,7 +209,7 @@ def test_launch_runs_stale_rows_together_and_dvc_repro_collects_them(slurm_env, 
     timing("launch+repro: dvc repro (waits for both jobs, collects, report)", time.time() - t1)
     timing("launch+repro: tlvit launch -> dvc repro done", time.time() - t0)
     log = repro.stdout + repro.stderr
-    assert sorted(re.findall(r"Running stage '([^']+)'", repro.stdout)) == ["report", *[f"train@{r}" for r in rows]]
+    assert sorted(ran_stages(repro.stdout)) == ["report", *[f"train@{r}" for r in rows]]
     assert "waiting for slurm job" in log and log.count("completed; collecting its results") == 2
     assert not re.search(r"epoch \d+: \{", log), "dvc repro trained instead of collecting"
     for row, r in records.items():
@@ -219,7 +219,7 @@ def test_launch_runs_stale_rows_together_and_dvc_repro_collects_them(slurm_env, 
         assert json.loads((repo / "metrics" / "smoke" / "rows" / f"{row}.json").read_text())["runs"][0]["epochs"] == 8
     lock = (repo / "dvc.lock").read_text()
     assert all(f"train@{r}" in lock for r in rows)
-    assert re.findall(r"Running stage", sh(["dvc", "repro"], repo, env).stdout) == []  # all recorded
+    assert ran_stages(sh(["dvc", "repro"], repo, env).stdout) == []  # all recorded
     final = sh(["tlvit", "status"], repo, env).stdout
     for row, r in records.items():
         line = next(line for line in final.splitlines() if line.startswith(row + " "))
