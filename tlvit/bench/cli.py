@@ -27,7 +27,7 @@ def add_parser(sub) -> None:
                    help="presets `repro` runs from clean (the embedded one takes ~30 min on 2 cores)")
     p.add_argument("--repro-all-rows", action="store_true",
                    help="repro: train every table's rows (`tlvit rows --all --write` in the copy); with "
-                        "--repro-presets embedded-full that is the whole ~7.2 h run (2 CPU cores) (targets: <= 8 h on CPU, <= 1 h on a GPU)")
+                        "--repro-presets embedded-full that is the whole run, 7.0 h on 2 CPU cores (targets: <= 8 h on CPU, <= 1 h on a GPU)")
     p.add_argument("--peak-tflops", type=float, default=None, help="gpu: the GPU's dense bf16 peak, for MFU on unknown GPUs")
     p.add_argument("--workdir", type=Path, default=None, help="data/scoremaps: where to build the benchmark dataset (default: a temp dir)")
     p.add_argument("--data", type=Path, default=None, help="data: an ImageFolder root to load instead of built canvases")
