@@ -31,6 +31,15 @@ def set_preset(text: str, preset: str) -> str:
     return re.sub(r"^preset: \w+", f"preset: {preset}", text, count=1, flags=re.M)
 
 
+def tool_env(**extra: str) -> dict:
+    """An environment for running this project's tools in a scratch repository: PATH starts with this
+    interpreter's bin/ (dvc, tlvit), no MLFLOW_/DVC_ settings leak in, git has an identity to commit with."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", PYTHONDONTWRITEBYTECODE="1",
+               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t", **extra)
+    return env
+
+
 def committed_copy(dst: Path, edit_params: Callable[[str], str], **env_extra: str) -> tuple[Path, dict]:
     """Copy the files git sees (not generated reports/metrics/dvc.lock), edit params.yaml, commit.
 
@@ -45,9 +54,7 @@ def committed_copy(dst: Path, edit_params: Callable[[str], str], **env_extra: st
             shutil.copy2(src, dst / f)
     params = dst / "params.yaml"
     params.write_text(edit_params(params.read_text()))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", PYTHONDONTWRITEBYTECODE="1",
-               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t", **env_extra)
+    env = tool_env(**env_extra)
     sh(["git", "init", "-q"], dst, env)
     sh(["git", "add", "-A"], dst, env)
     sh(["git", "commit", "-qm", "copy"], dst, env)

@@ -207,13 +207,12 @@ def test_clean_run_targets_apply_only_to_the_run_they_were_set_for():
 
 def _dvc_repo(root: Path, stages: dict[str, str]) -> tuple[Path, dict]:
     """A git + DVC repository whose dvc.yaml has the given `name: cmd` stages (no deps/outs: they always run)."""
-    import os
     import subprocess
-    import sys
 
     import yaml
+    from repo_copy import tool_env
 
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = tool_env()
     subprocess.run(["git", "init", "-q"], cwd=root, check=True, env=env)
     subprocess.run(["dvc", "init", "-q"], cwd=root, check=True, env=env)
     (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {k: {"cmd": v} for k, v in stages.items()}}, sort_keys=False))
