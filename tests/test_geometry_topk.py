@@ -125,22 +125,45 @@ def test_bfloat16_maps_read_the_same_locations():
 
 
 @pytest.mark.parametrize("kind", ["relabel", "token_labeling"])
-@pytest.mark.parametrize("absent", ["zero_prob", "zero_logit"])
-def test_supervision_targets_equal_the_dense_reference(kind, absent):
-    """What training sees: smoothed token targets and ReLabel's / the annotator's pooled class target."""
+@pytest.mark.parametrize("pooling,absent", [("probs", "zero_prob"), ("probs", "zero_logit"), ("logits", "zero_logit")])
+def test_supervision_targets_equal_the_dense_reference(kind, pooling, absent):
+    """What training sees: smoothed token targets and ReLabel's / the annotator's pooled class target.
+
+    pooling="logits" is the original's: the dense logit map (top-k scattered into zeros) pooled, then a softmax.
+    """
     C, grid = 1000, (14, 14)
     g = torch.Generator().manual_seed(1)
     logits, classes, theta, clips = random_case(g, 3, C, 5, (18, 18), num_clips=1)
     label = torch.tensor([3, 999, 0])
-    sup = Supervision(kind, C, grid, label_smoothing=0.1, absent_classes=absent,
+    sup = Supervision(kind, C, grid, label_smoothing=0.1, absent_classes=absent, pooling=pooling,
                       cls_target="annotator" if kind == "token_labeling" else "label")
     cls, tokens = sup.targets({"label": label, "topk_logits": logits, "topk_classes": classes, "theta": theta,
                                "clips": clips}, torch.device("cpu"))
-    ref_cells, ref_pooled = dense_reference_resample(dense_reference_topk_to_dense(logits, classes, C, absent), theta,
-                                                     grid, clips=clips)
-    assert (cls - smooth(ref_pooled, 0.1)).abs().max() < 1e-6
+    if pooling == "probs":
+        dense = dense_reference_topk_to_dense(logits, classes, C, absent)
+    else:
+        dense = torch.zeros(3, C, 18, 18, dtype=torch.float64).scatter_(1, classes.long(), logits.double())
+    ref_cells, ref_pooled = dense_reference_resample(dense, theta, grid, clips=clips)
+    tol = 1e-6
+    if pooling == "logits":  # float32 sums of logits up to ~16, then exp: ~1e-5 absolute
+        ref_cells, ref_pooled, tol = ref_cells.softmax(1), ref_pooled.softmax(-1), 1e-4
+    assert (cls - smooth(ref_pooled, 0.1)).abs().max() < tol
     if kind == "token_labeling":
-        assert (tokens - smooth(ref_cells.flatten(2).transpose(1, 2), 0.1)).abs().max() < 1e-6
+        assert (tokens - smooth(ref_cells.flatten(2).transpose(1, 2), 0.1)).abs().max() < tol
+    if pooling == "logits":  # pooling logits is not pooling probabilities: the two targets differ
+        other = Supervision(kind, C, grid, label_smoothing=0.1, absent_classes=absent, pooling="probs",
+                            cls_target=sup.cls_target)
+        cls_p, _ = other.targets({"label": label, "topk_logits": logits, "topk_classes": classes, "theta": theta,
+                                  "clips": clips}, torch.device("cpu"))
+        assert (cls - cls_p).abs().max() > 1e-3
+
+
+def test_pooling_logits_needs_a_logit_for_absent_classes():
+    logits, classes, theta, clips = random_case(torch.Generator().manual_seed(4), 2, 50, 5, (6, 6), num_clips=1)
+    sup = Supervision("relabel", 50, (4, 4), absent_classes="zero_prob", pooling="logits")
+    batch = {"label": torch.tensor([1, 2]), "topk_logits": logits, "topk_classes": classes, "theta": theta}
+    with pytest.raises(ValueError, match="absent_classes: zero_logit"):
+        sup.targets(batch, torch.device("cpu"))
 
 
 def test_no_tensor_is_as_large_as_the_dense_maps():

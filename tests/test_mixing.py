@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from tlvit.mixing import KINDS, mix_images, mix_targets, mix_token_targets
-from tlvit.models.mix_token import token_box_mask
+from tlvit.models.mix_token import sample_token_box, token_box_mask
 
 GRID = (4, 4)  # 16 tokens of 4x4 pixels on a 16x16 image
 
@@ -145,3 +145,39 @@ def test_mix_token_targets_by_hand():
     want = torch.tensor([[[1.0, 0], [0.25 + 0.375, 0.375]], [[0, 1.0], [0.125 + 0.75, 0.125]]])
     assert torch.allclose(mix_token_targets(t, own), want)
     assert torch.allclose(mix_token_targets(t, own.expand(2, 2)), want)  # per-sample shares [B, N]
+
+
+# mixed share of tokens and empty boxes with lam ~ Beta(1, 1), 20,000 draws (SE of the share ~0.002); the
+# authors' values match an independent run of their sampler (int side, [c - s // 2, c + s // 2) clipped)
+SAMPLER_STATS = {  # (grid, sampler): (mixed share, empty-box share)
+    (8, "authors"): (0.233, 0.062), (14, "authors"): (0.271, 0.020),
+    (8, "rounded"): (0.325, 0.004), (14, "rounded"): (0.322, 0.002),
+}
+
+
+@pytest.mark.parametrize("grid,sampler", sorted(SAMPLER_STATS))
+def test_box_sampler_statistics(grid, sampler):
+    g = gen(0)
+    lams = [sample_token_box((grid, grid), g, 1.0, sampler)[1] for _ in range(20000)]
+    share, empty = SAMPLER_STATS[grid, sampler]
+    assert 1 - sum(lams) / len(lams) == pytest.approx(share, abs=0.006)
+    assert sum(lam == 1.0 for lam in lams) / len(lams) == pytest.approx(empty, abs=0.004)
+
+
+def test_authors_boxes_have_even_sides_on_every_mixing_path():
+    """CutMix (pixels), patch-aligned CutMix and MixToken share the authors' sampler by default."""
+    x = torch.randn(2, 3, 32, 32)
+    for seed in range(40):
+        (y0, y1, x0, x1), _ = sample_token_box((14, 14), gen(seed))
+        clipped = y0 == 0 or x0 == 0 or y1 == 14 or x1 == 14
+        assert clipped or ((y1 - y0) % 2 == 0 and (x1 - x0) % 2 == 0)
+        for kind, unit in (("cutmix", 1), ("cutmix_patch", 4)):
+            m = mix_images(x, kind, (8, 8), gen(seed))
+            by0, by1, bx0, bx1 = (v // unit for v in m.box)
+            inside = 0 < by0 and 0 < bx0 and by1 < 32 // unit and bx1 < 32 // unit
+            assert not inside or ((by1 - by0) % 2 == 0 and (bx1 - bx0) % 2 == 0)
+    # random patch mixing truncates its count as TL-Align's code does; "rounded" rounds
+    counts = {s: [int((mix_images(x, "patch", (8, 8), gen(seed), sampler=s).token_own == 0).sum()) for seed in range(200)]
+              for s in ("authors", "rounded")}
+    assert sum(counts["authors"]) < sum(counts["rounded"])
+    assert all(a <= r for a, r in zip(counts["authors"], counts["rounded"]))

@@ -289,20 +289,24 @@ def test_deit_is_timm_deit():
 
 # ---------------------------------------------------------------------------------------- MixToken
 
-def test_sample_token_box_is_seeded_and_lam_is_exact():
+@pytest.mark.parametrize("sampler", ["authors", "rounded"])
+def test_sample_token_box_is_seeded_and_lam_is_exact(sampler):
     draws = []
     for seed in (0, 0, 1):
         g = torch.Generator().manual_seed(seed)
-        draws.append([sample_token_box((8, 8), g) for _ in range(200)])
+        draws.append([sample_token_box((8, 8), g, sampler=sampler) for _ in range(200)])
     assert draws[0] == draws[1] and draws[0] != draws[2]
     for box, lam in draws[0] + draws[2]:
         kept = 1 - token_box_mask((8, 8), box).float().mean().item()
         assert lam == pytest.approx(kept, abs=1e-12)
     lams = [lam for _, lam in draws[0] + draws[2]]
-    # Beta(1, 1) area: lam spread over [0, 1], mean a bit above 0.5 since clipping shrinks boxes.
-    assert min(lams) < 0.2 and max(lams) == 1.0 and 0.45 < sum(lams) / len(lams) < 0.75
+    # Beta(1, 1) area: lam spread over [0, 1], mean above 0.5 since clipping shrinks boxes. The authors'
+    # box is [c - side // 2, c + side // 2) with side <= 7: at most 6 x 6 of the 8 x 8 tokens.
+    smallest = 1 - 36 / 64 if sampler == "authors" else 0.0
+    assert min(lams) >= smallest and min(lams) < smallest + 0.2 and max(lams) == 1.0
+    assert 0.45 < sum(lams) / len(lams) < 0.8
     g = torch.Generator().manual_seed(0)
-    assert sample_token_box((4, 16), g)[0][1] <= 4  # rectangular grids: rows bounded by Gh
+    assert sample_token_box((4, 16), g, sampler=sampler)[0][1] <= 4  # rectangular grids: rows bounded by Gh
 
 
 def test_sample_token_box_alpha():

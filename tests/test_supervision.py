@@ -1,6 +1,7 @@
 """Losses and targets against small hand-computed tensors."""
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -26,6 +27,9 @@ def test_token_labeling_loss_weights_the_dense_term():
     assert torch.isclose(TokenLabelingLoss(1.0)(cls, t_cls, tokens, t_tok), torch.tensor(ln4 * 2.0))
 
 
+PROBS = {"absent_classes": "zero_prob", "pooling": "probs"}  # k=1 maps with logit 0: class maps, not logits
+
+
 def batch_with_map(num_classes=4):
     """Two 2x2-grid score maps (k=1): image 0 is class 0 left / 1 right; image 1 all class 3."""
     classes = torch.tensor([[[[0, 1], [0, 1]]], [[[3, 3], [3, 3]]]])
@@ -39,14 +43,37 @@ def batch_with_map(num_classes=4):
 
 
 def test_relabel_target_is_the_crops_pooled_map():
-    sup = Supervision("relabel", 4, (2, 2), label_smoothing=0.0)
+    sup = Supervision("relabel", 4, (2, 2), label_smoothing=0.0, **PROBS)
     cls, tok = sup.targets(batch_with_map(), torch.device("cpu"))
     assert tok is None
     assert torch.allclose(cls, torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 1.0]]))  # left half = all class 0
 
 
+def test_transposed_crop_box_is_the_originals_bug():
+    """The original's (top, left, bottom, right) box read as (x1, y1, x2, y2): the left half's box samples the
+    map's top half, half class 0 and half class 1 (crop_box: transposed, a deviation switch for measuring it)."""
+    sup = Supervision("relabel", 4, (2, 2), label_smoothing=0.0, crop_box="transposed", **PROBS)
+    cls, _ = sup.targets(batch_with_map(), torch.device("cpu"))
+    assert torch.allclose(cls, torch.tensor([[0.5, 0.5, 0, 0], [0, 0, 0, 1.0]]))
+    b = batch_with_map()
+    b["theta"][0] = crop_flip_theta((0, 0, 4, 8), (8, 8), False)  # top half: transposed, it reads the left half
+    cls, _ = sup.targets(b, torch.device("cpu"))
+    assert torch.allclose(cls[0], torch.tensor([1.0, 0, 0, 0]))
+
+
+def test_oracle_targets_refuse_logit_pooling():
+    from tlvit.config import load_params, resolve_run_config
+
+    cfg = resolve_run_config(load_params("params.yaml"), "lvvit_s_relabel", preset="smoke")
+    cfg["supervision"]["targets"] = "oracle"
+    with pytest.raises(ValueError, match="absent_classes: zero_prob and supervision.pooling: probs"):
+        Supervision.from_config(cfg, 10, (8, 8))
+    cfg["supervision"].update(PROBS)
+    assert Supervision.from_config(cfg, 10, (8, 8)).pooling == "probs"
+
+
 def test_token_labeling_targets_follow_the_crop_and_keep_the_image_label_on_cls():
-    sup = Supervision("token_labeling", 4, (2, 2), label_smoothing=0.1)
+    sup = Supervision("token_labeling", 4, (2, 2), label_smoothing=0.1, **PROBS)
     b = batch_with_map()
     b["theta"][0] = crop_flip_theta((0, 2, 8, 4), (8, 8), False)  # the centre: half class 0, half class 1
     cls, tok = sup.targets(b, torch.device("cpu"))
@@ -55,7 +82,7 @@ def test_token_labeling_targets_follow_the_crop_and_keep_the_image_label_on_cls(
     # token grid 2x2 over the centre crop: left column is class 0, right column class 1
     assert tok[0, 0].argmax() == 0 and tok[0, 1].argmax() == 1 and tok[0, 2].argmax() == 0
     assert torch.allclose(tok.sum(-1), torch.ones(2, 4))
-    orig = Supervision("token_labeling", 4, (2, 2), label_smoothing=0.0, cls_target="annotator")
+    orig = Supervision("token_labeling", 4, (2, 2), label_smoothing=0.0, cls_target="annotator", **PROBS)
     cls_o, _ = orig.targets(b, torch.device("cpu"))
     assert torch.allclose(cls_o[0], torch.tensor([0.5, 0.5, 0, 0]))  # the original code: pooled annotator label
 

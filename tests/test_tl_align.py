@@ -21,14 +21,54 @@ def test_initial_labels_by_hand():
     y, mixed = two_image_mix()
     lab = initial_labels(y, mixed, smoothing=0.3)
     assert lab.shape == (2, 5, 3)
-    # class slot: smoothed area mix; token slots: one-hot of the source image, not smoothed
+    # class slot: smoothed area mix; token slots: the smoothed label of the source image (the original's token_label)
     assert torch.allclose(lab[0, 0], torch.tensor([0.75, 0.25, 0]) * 0.7 + 0.1)
     assert torch.allclose(lab[1, 0], torch.tensor([0.25, 0.75, 0]) * 0.7 + 0.1)
-    assert torch.equal(lab[0, 1:], torch.tensor([[1.0, 0, 0]] * 3 + [[0, 1.0, 0]]))
-    assert torch.equal(lab[1, 1:], torch.tensor([[0, 1.0, 0]] * 3 + [[1.0, 0, 0]]))
+    assert torch.allclose(lab[0, 1:], torch.tensor([[0.8, 0.1, 0.1]] * 3 + [[0.1, 0.8, 0.1]]))
+    assert torch.allclose(lab[1, 1:], torch.tensor([[0.1, 0.8, 0.1]] * 3 + [[0.8, 0.1, 0.1]]))
+    # the class_slot switch: token slots one-hot of the source image, not smoothed
+    old = initial_labels(y, mixed, smoothing=0.3, slots="class_slot")
+    assert torch.equal(old[:, 0], lab[:, 0])
+    assert torch.equal(old[0, 1:], torch.tensor([[1.0, 0, 0]] * 3 + [[0, 1.0, 0]]))
+    assert torch.equal(old[1, 1:], torch.tensor([[0, 1.0, 0]] * 3 + [[1.0, 0, 0]]))
     # a patch cut by a pixel box gets the share within the patch
     cut = Mixed(mixed.images, 0.9, torch.tensor([1.0, 1.0, 1.0, 0.6]), None, "cutmix")
     assert torch.allclose(initial_labels(y, cut)[0, 4], torch.tensor([0.6, 0.4, 0]))
+
+
+@pytest.mark.parametrize("blocks", [1, 3, 12])
+def test_unmixed_target_is_the_smoothed_label_after_any_depth(blocks):
+    """With label smoothing eps every slot is smooth(y) for an unmixed image, so any attention keeps it (the
+    original code's target); smoothing only the class slot let the one-hot tokens wash the smoothing out."""
+    from tlvit.tl_align import initial_label_factors
+
+    y = F.one_hot(torch.tensor([2, 0, 1]), 3).float()
+    unmixed = Mixed(torch.zeros(3, 3, 4, 4), 1.0, torch.ones(4), None, "none")
+    for labels in (initial_labels(y, unmixed, 0.1), initial_label_factors(y, unmixed, 0.1)):
+        al = LabelAligner(labels)
+        for i in range(blocks):
+            al(i, random_attention(torch.Generator().manual_seed(i), 3, 5))
+        torch.testing.assert_close(al.cls_target(), smooth(y, 0.1))
+    old = LabelAligner(initial_label_factors(y, unmixed, 0.1, slots="class_slot"))
+    for i in range(blocks):
+        old(i, random_attention(torch.Generator().manual_seed(i), 3, 5))
+    assert not torch.allclose(old.cls_target(), smooth(y, 0.1), atol=1e-3)  # the effective smoothing fell
+
+
+@pytest.mark.parametrize("kind", ["cutmix_patch", "cutmix", "mixup"])
+def test_mixed_target_is_the_smoothed_unsmoothed_alignment(kind):
+    """smooth(aligned labels computed with eps = 0) is the aligned target with eps, for every mixing kind."""
+    from tlvit.tl_align import initial_label_factors
+
+    y = F.one_hot(torch.tensor([0, 1, 2, 1]), 3).float()
+    mixed = mix_images(torch.randn(4, 3, 8, 8), kind, (2, 2), torch.Generator().manual_seed(3))
+    plain, smoothed = LabelAligner(initial_label_factors(y, mixed, 0.0)), LabelAligner(initial_label_factors(y, mixed, 0.1))
+    for i in range(4):
+        attn = random_attention(torch.Generator().manual_seed(10 + i), 4, 5)
+        plain(i, attn)
+        smoothed(i, attn)
+    torch.testing.assert_close(smoothed.cls_target(), smooth(plain.cls_target(), 0.1))
+    torch.testing.assert_close(smoothed.token_targets(), smooth(plain.token_targets(), 0.1))
 
 
 def test_identity_attention_leaves_labels_unchanged():
@@ -103,17 +143,22 @@ def test_layers_variant_only_moves_labels_in_listed_blocks():
 def test_last_is_transmix():
     # TransMix: lam = (lam_area + lam_attn) / 2, lam_attn = class attention on own patches / all patches
     y, mixed = two_image_mix()
-    lab = initial_labels(y, mixed, 0.1)
-    al = LabelAligner(lab, "last", smoothing=0.1)
     g = torch.Generator().manual_seed(2)
     first, last = random_attention(g), random_attention(g)
-    al(0, first)
-    al(1, last)
     w = last[:, 0, 1:]
     lam_attn = (w * mixed.token_own).sum(-1) / w.sum(-1)  # [B]
     lam = ((0.75 + lam_attn) / 2)[:, None]
     want = smooth(lam * y + (1 - lam) * y.flip(0), 0.1)
-    assert torch.allclose(al.cls_target(), want)
+    # smoothed token slots already smooth the weighted label; one-hot ones leave it to the aligner
+    for slots, smoothing in (("every_slot", 0.0), ("class_slot", 0.1)):
+        al = LabelAligner(initial_labels(y, mixed, 0.1, slots), "last", smoothing=smoothing)
+        al(0, first)
+        al(1, last)
+        assert torch.allclose(al.cls_target(), want)
+    lab = initial_labels(y, mixed, 0.1, "class_slot")
+    al = LabelAligner(lab, "last", smoothing=0.1)
+    al(0, first)
+    al(1, last)
     assert torch.equal(al.token_targets(), lab[:, 1:])  # TransMix moves no token label
     assert not torch.allclose(al.history[0], al.history[1])  # each block's target is recorded
     assert torch.equal(LabelAligner(lab, "last").cls_target(), lab[:, 0])  # before any block: the area target

@@ -15,8 +15,10 @@ kinds:
   block         block-wise mixing (TL-Align Table 7 "Block-wise", BEiT-like): random rectangles of patches
   mixup_cutmix  DeiT's default: CutMix with probability switch_prob, else MixUp (Table 7 row 3)
 
-``lam`` is always the share of the sample's own content, recomputed from what was actually swapped
-(box clipped at the border, patch counts rounded), the "corrected" lam of timm's ``correct_lam``.
+Boxes follow the authors' CutMix sampler (truncated even sides, `sample_token_box`) unless
+``sampler="rounded"``. ``lam`` is always the share of the sample's own content, recomputed from what
+was actually swapped (box clipped at the border, patch counts truncated), the "corrected" lam of
+timm's ``correct_lam``.
 """
 from __future__ import annotations
 
@@ -58,6 +60,7 @@ def mix_images(
         mixup_alpha: float = 0.8,
         switch_prob: float = 0.5,
         block_min_patches: int = 4,
+        sampler: str = "authors",
 ) -> Mixed:
     """Mix images [B, 3, H, W] with x.flip(0) as `kind` on the model's (Gh, Gw) token grid.
 
@@ -65,6 +68,8 @@ def mix_images(
     alpha: Beta(alpha, alpha) parameter of lam (for mixup_cutmix: of the CutMix branch).
     mixup_alpha, switch_prob: the MixUp alpha and the CutMix probability of `mixup_cutmix` (DeiT: 0.8, 0.5).
     block_min_patches: smallest block of the `block` kind, in patches (BEiT uses 16 on 14x14).
+    sampler: box sampler of cutmix / cutmix_patch (`tlvit.models.mix_token.sample_token_box`) and count
+        rule of `patch`: "authors" truncates as timm's CutMix and TL-Align's code do, "rounded" rounds.
     """
     if kind not in KINDS:
         raise ValueError(f"mixing kind must be one of {KINDS}, not {kind!r}")
@@ -90,15 +95,15 @@ def mix_images(
     if kind == "cutmix":
         # CutMix geometry (side ratio sqrt(1 - lam), uniform centre, clipped) drawn on the pixel grid:
         # sample_token_box is that sampler on any grid, here one "token" per pixel.
-        box, _ = sample_token_box((H, W), generator, alpha)
+        box, _ = sample_token_box((H, W), generator, alpha, sampler)
         own_px = ~_box_mask((H, W), box, x.device)
     elif kind == "cutmix_patch":
         # The same sampler on the token grid, then scaled to pixels: the box covers whole patches only.
-        (y0, y1, x0, x1), _ = sample_token_box((gh, gw), generator, alpha)
+        (y0, y1, x0, x1), _ = sample_token_box((gh, gw), generator, alpha, sampler)
         box = (y0 * ph, y1 * ph, x0 * pw, x1 * pw)
         own_px = ~_box_mask((H, W), box, x.device)
     else:
-        swap = _random_patches(gh, gw, generator, alpha) if kind == "patch" else \
+        swap = _random_patches(gh, gw, generator, alpha, sampler) if kind == "patch" else \
             _block_patches(gh, gw, generator, alpha, block_min_patches)
         own_px = (~swap).repeat_interleave(ph, 0).repeat_interleave(pw, 1).to(x.device)
 
@@ -117,10 +122,14 @@ def _box_mask(hw: Tuple[int, int], box: Tuple[int, int, int, int], device: torch
     return mask
 
 
-def _random_patches(gh: int, gw: int, generator: torch.Generator, alpha: float) -> torch.Tensor:
-    """[Gh, Gw] bool, True on round((1 - lam) * N) patches chosen uniformly (MAE-style random masking)."""
+def _random_patches(gh: int, gw: int, generator: torch.Generator, alpha: float, sampler: str = "authors") -> torch.Tensor:
+    """[Gh, Gw] bool, True on int((1 - lam) * N) patches chosen uniformly (MAE-style random masking).
+
+    The count is truncated as TL-Align's random token mixing does (sampler="authors"), or rounded ("rounded").
+    """
     n = gh * gw
-    k = round((1.0 - _beta(generator, alpha)) * n)
+    share = (1.0 - _beta(generator, alpha)) * n
+    k = int(share) if sampler == "authors" else round(share)
     swap = torch.zeros(n, dtype=torch.bool)
     swap[torch.randperm(n, generator=generator)[:k]] = True
     return swap.view(gh, gw)

@@ -11,12 +11,12 @@ Table 10). The label that reaches the class token is DeiT's training target; poo
 :class:`LabelAligner` is the model's ``attn_callback``::
 
     mixed = mix_images(x, "cutmix_patch", model.token_grid, gen)
-    aligner = LabelAligner(initial_label_factors(one_hot, mixed, smoothing=0.1))
+    aligner = LabelAligner(initial_label_factors(one_hot, mixed, smoothing=0.1))  # every slot smoothed
     out = model.forward_train(mixed.images, attn_callback=aligner)
     loss = soft_cross_entropy(out.cls_logits, aligner.cls_target())
 
 Factored labels. Every initial label is a combination of three vectors per image: its label y_b, its
-partner's y_{B-1-b} and the uniform 1/C (label smoothing of the class slot). Each block's update is a
+partner's y_{B-1-b} and the uniform 1/C (label smoothing, in every slot as the original code does). Each block's update is a
 left-multiplication by a [T, T] matrix, so the labels stay such combinations: Y = K @ basis with
 coefficients K [B, T, 3] and basis [B, 3, C] (:class:`FactoredLabels`, :func:`initial_label_factors`).
 The aligner moves K only (A @ K instead of A @ Y: 3 columns instead of C) and forms labels where a
@@ -42,25 +42,35 @@ from tlvit.losses import smooth
 from tlvit.mixing import Mixed, mix_targets, mix_token_targets
 from tlvit.models.attention import AttentionMap
 
-__all__ = ["VARIANTS", "FactoredLabels", "initial_labels", "initial_label_factors", "LabelAligner"]
+__all__ = ["VARIANTS", "SMOOTHING_SLOTS", "FactoredLabels", "initial_labels", "initial_label_factors", "LabelAligner"]
 
 VARIANTS = ("all", "layers", "last", "no_norm")
 
 
-def initial_labels(y: torch.Tensor, mixed: Mixed, smoothing: float = 0.0) -> torch.Tensor:
+SMOOTHING_SLOTS = ("every_slot", "class_slot")
+
+
+def initial_labels(y: torch.Tensor, mixed: Mixed, smoothing: float = 0.0, slots: str = "every_slot") -> torch.Tensor:
     """Label embedding Y^0 [B, 1 + N, C] of a mixed batch (TL-Align Eq. 5), class token first.
 
     y: [B, C] per-image label distributions (one-hot, or already smoothed with smoothing=0).
-    Class slot: the area-mixed label lam * y + (1 - lam) * y.flip(0), smoothed by `smoothing`.
-    Token slots: token_own * y + (1 - token_own) * y.flip(0), not smoothed: one-hot of the source image
-    for whole patches, the within-patch share for patches cut by a pixel box, lam for MixUp (Sec. 3.3).
-    This is the original code's initialisation: a smoothed mixed target on the class token (timm's
-    Mixup) and one-hot labels of each patch's source on the tokens. The same labels, factored, are
-    :func:`initial_label_factors` (what training uses).
+    Class slot: the area-mixed label lam * y + (1 - lam) * y.flip(0). Token slots: token_own * y +
+    (1 - token_own) * y.flip(0): one-hot of the source image for whole patches, the within-patch share
+    for patches cut by a pixel box, lam for MixUp (Sec. 3.3).
+    slots="every_slot" (default, the original code's `token_label(target, C, mask, smoothing)`): every
+    slot is smoothed by `smoothing`, so the aligned target is smooth(aligned unsmoothed labels) after
+    any number of blocks. slots="class_slot": only the class slot is smoothed and the token slots stay
+    one-hot (tlvit's earlier initialisation; a deviation switch, `supervision.align_smoothing`): the
+    class slot's share shrinks with depth, and with it the effective smoothing of the target.
+    The same labels, factored, are :func:`initial_label_factors` (what training uses).
     """
+    if slots not in SMOOTHING_SLOTS:
+        raise ValueError(f"smoothing slots must be one of {SMOOTHING_SLOTS}, not {slots!r}")
     n = mixed.token_own.shape[-1]
     cls = smooth(mix_targets(y, mixed.lam), smoothing)
     tokens = mix_token_targets(y[:, None, :].expand(-1, n, -1), mixed.token_own.to(y.device))
+    if slots == "every_slot":
+        tokens = smooth(tokens, smoothing)
     return torch.cat([cls[:, None], tokens], dim=1)
 
 
@@ -85,16 +95,20 @@ class FactoredLabels:
         return torch.bmm(self.coeffs, self.basis)
 
 
-def initial_label_factors(y: torch.Tensor, mixed: Mixed, smoothing: float = 0.0) -> FactoredLabels:
+def initial_label_factors(y: torch.Tensor, mixed: Mixed, smoothing: float = 0.0,
+                          slots: str = "every_slot") -> FactoredLabels:
     """:func:`initial_labels`, factored: coefficients [B, 1 + N, 3] over the basis (y, y.flip(0), 1/C).
 
     Every kind of `tlvit.mixing` mixes sample b with sample B-1-b only, so three basis vectors cover
-    all of them: class slot ((1 - eps) lam, (1 - eps)(1 - lam), eps), token i (own_i, 1 - own_i, 0),
-    with eps = `smoothing` (no smoothing for eps <= 0, as `tlvit.losses.smooth`). y may be soft; it is
-    used in float32. `dense()` of the result equals `initial_labels(y, mixed, smoothing)` (float rounding).
+    all of them: class slot ((1 - eps) lam, (1 - eps)(1 - lam), eps), token i ((1 - eps) own_i,
+    (1 - eps)(1 - own_i), eps) with slots="every_slot", (own_i, 1 - own_i, 0) with "class_slot";
+    eps = `smoothing` (no smoothing for eps <= 0, as `tlvit.losses.smooth`). y may be soft; it is used
+    in float32. `dense()` of the result equals `initial_labels(y, mixed, smoothing, slots)` (float rounding).
     """
     if y.ndim != 2:
         raise ValueError(f"y must be [B, C] label distributions, got shape {tuple(y.shape)}")
+    if slots not in SMOOTHING_SLOTS:
+        raise ValueError(f"smoothing slots must be one of {SMOOTHING_SLOTS}, not {slots!r}")
     B, C = y.shape
     y = y.detach().float()
     own = mixed.token_own.to(device=y.device, dtype=torch.float32)
@@ -102,7 +116,8 @@ def initial_label_factors(y: torch.Tensor, mixed: Mixed, smoothing: float = 0.0)
     lam, eps = float(mixed.lam), (float(smoothing) if smoothing > 0 else 0.0)
     basis = torch.stack([y, y.flip(0), torch.full_like(y, 1.0 / C)], dim=1)  # [B, 3, C]
     cls = torch.tensor([(1.0 - eps) * lam, (1.0 - eps) * (1.0 - lam), eps], device=y.device).expand(B, 1, 3)
-    tokens = torch.stack([own, 1.0 - own, torch.zeros_like(own)], dim=-1)  # [B, N, 3]
+    keep = 1.0 - eps if slots == "every_slot" else 1.0
+    tokens = torch.stack([keep * own, keep * (1.0 - own), torch.full_like(own, 1.0 - keep)], dim=-1)  # [B, N, 3]
     return FactoredLabels(torch.cat([cls, tokens], dim=1), basis, uniform=2)
 
 
@@ -130,8 +145,10 @@ class LabelAligner:
                      back the default exactly, the update being linear), so the ablation that can differ
                      is alignment without the residual term: labels follow the attention alone.
         layers: block indices for variant="layers" (required there, refused otherwise).
-        smoothing: label smoothing that variant="last" applies to its attention-weighted label (pass the
-            value given to initial_labels); unused by the other variants.
+        smoothing: label smoothing that variant="last" applies to its attention-weighted label: pass the
+            value given to initial_labels when its token slots are unsmoothed (slots="class_slot"), 0 when
+            they already carry it (slots="every_slot": the weighted label is then smoothed already);
+            unused by the other variants.
 
     Each block reports its attention as ``aligner(layer, attn)``: a [B, 1+N, 1+N] tensor, or the model's
     lazy ``AttentionMap`` (``accepts_attention_map``), of which only products with the coefficients

@@ -215,6 +215,24 @@ def topk_label_maps(logits: torch.Tensor, classes: torch.Tensor, num_classes: in
     return LabelMaps((logits - lse).exp() - rest, classes, num_classes, rest)
 
 
+def topk_logit_maps(logits: torch.Tensor, classes: torch.Tensor, num_classes: int, absent: str = "zero_logit") -> LabelMaps:
+    """The stored logits themselves as `LabelMaps` values, for pooling *logits* (`supervision.pooling: logits`).
+
+    The original code's label pooling: the top-k logits scattered into a dense map of zeros, pooled,
+    then a softmax. Resampling these values (`resample_label_maps`) averages that dense logit map;
+    the caller takes the softmax over classes afterwards. Absent classes hold logit 0 (absent=
+    "zero_logit", the original's fill). A softmax over the stored top-k alone ("zero_prob") has no
+    logit for absent classes to average, so it is refused unless the store keeps every class.
+    """
+    if absent not in ("zero_prob", "zero_logit"):
+        raise ValueError(f"absent_classes must be 'zero_prob' or 'zero_logit', not {absent!r}")
+    if absent == "zero_prob" and logits.shape[1] < num_classes:
+        raise ValueError(f"pooling logits needs absent_classes: zero_logit when the store keeps {logits.shape[1]} of "
+                         f"{num_classes} classes (absent classes have no logit to pool); set supervision.absent_classes: "
+                         "zero_logit, or supervision.pooling: probs")
+    return LabelMaps(logits.float(), classes.long(), num_classes)
+
+
 def topk_to_dense(logits: torch.Tensor, classes: torch.Tensor, num_classes: int, absent: str = "zero_prob") -> torch.Tensor:
     """Class probabilities [B, C, h, w] (see `topk_label_maps`); for looking at maps, not for training."""
     probs, classes, C, rest = topk_label_maps(logits, classes, num_classes, absent)
