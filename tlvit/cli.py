@@ -13,6 +13,7 @@ COMMANDS = {
     "sync": "tlvit.launch.cli",
     "rows": "tlvit.rows_cli",
     "bench": "tlvit.bench.cli",
+    "deviations": "tlvit.deviations_cli",
 }
 
 

@@ -23,7 +23,7 @@ class ClassTokenLoss(nn.Module):
 
 
 class TokenLabelingLoss(nn.Module):
-    """L = H(X_cls, y_cls) + beta * mean_i H(X_i, y_i) (LV-ViT Eq. 5; beta = 0.5 in the paper).
+    """L = H(X_cls, y_cls) + beta * mean_i H(X_i, y_i) (LV-ViT Eq. 7; beta = 0.5 in the paper).
 
     The original code's default is beta = 1.0 with y_cls the pooled annotator label: set
     `token_weight: 1.0` and `cls_target: annotator` (see docs/deviations.md).

@@ -15,6 +15,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--all", action="store_true", help="the rows of every table (default when no --table is given)")
     p.add_argument("--table", action="append", default=[], metavar="KEY", help="only this table's rows, e.g. lvvit_table3 "
                    "(repeatable)")
+    p.add_argument("--deviations", action="store_true", help="also the row pairs of the deviations table "
+                   "(tlvit/deviations.py), after the tables' rows")
     p.add_argument("--preset", default=None, help="default: params.yaml `preset`")
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--rows-file", default="experiments/rows.yaml")
@@ -46,6 +48,10 @@ def run(args: argparse.Namespace) -> int:
                 rows = all_rows(params, preset, tmp, args.rows_file, args.params)
         else:
             rows = all_rows(params, preset, tables_dir, args.rows_file, args.params)
+        if args.deviations:
+            from tlvit.deviations import DEVIATIONS
+
+            rows += [r for r in dict.fromkeys(r for d in DEVIATIONS if d.rows for r in d.rows) if r not in rows]
         scratch, finetunes = split_finetunes(rows, args.rows_file)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -9,6 +9,7 @@ from tlvit.config import pipeline_rows
 from tlvit.io import atomic_path
 from tlvit.layout import Layout
 from tlvit.report.curves import check_summary, row_curves, sources_note
+from tlvit.report.deviations import deviations_frame, render_deviations
 from tlvit.report.figures import curves_figure, delta_figure, path_figure, scaling_figure
 from tlvit.report.frames import claims_frame, render_markdown, table_frame, verdict_tally
 from tlvit.report.results import DONE, Results
@@ -71,6 +72,12 @@ def build_report(params: dict, *, tables_dir: str | Path = TABLES_DIR, rows_path
              "table also lists the paper's claimed differences with a verdict (*reproduced at this scale* when the "
              "reproduced Δ has the paper's sign and its 95% CI over seeds excludes 0).\n", "## Tables\n"]
     index += [write_table(t, results, out) for t in tables]
+    dev = deviations_frame(results)
+    write_text(out / "deviations.md", render_deviations(dev, layout.preset))
+    write_text(out / "deviations.csv", dev.to_csv(index=False))
+    measured = int((dev["pairs"] > 0).sum())
+    index.append(f"- [Deviations from the authors' code, measured](deviations.md) — {measured}/{len(dev)} switches "
+                 "with paired seeds. Files: [CSV](deviations.csv)")
 
     index.append("\n## Figures\n")
     figures = []  # (file, description, skipped reason or None)

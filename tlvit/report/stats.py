@@ -66,6 +66,20 @@ def diff_ci95(a: list[float], b: list[float]) -> tuple[float, float | None]:
     return delta, t95(max(dof, 1.0)) * math.sqrt(se2)
 
 
+def paired_diff_ci95(a: dict, b: dict) -> tuple[float | None, float | None, int]:
+    """(mean of a[s] - b[s] over the seeds s both have, half-width of its 95% CI, number of pairs).
+
+    The same seed gives both rows the same init, data order and augmentation draws, so the per-seed
+    differences cancel most seed-to-seed spread; the CI is Student's t on those differences. None for
+    the mean without a common seed, for the half-width below 2 pairs.
+    """
+    seeds = sorted(set(a) & set(b))
+    diffs = [a[s] - b[s] for s in seeds]
+    if not diffs:
+        return None, None, 0
+    return statistics.fmean(diffs), ci95(diffs), len(diffs)
+
+
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE, PENDING, CONSISTENT = (
     "reproduced", "not_reproduced", "inconclusive", "pending", "consistent")
 

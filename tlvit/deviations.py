@@ -1,0 +1,146 @@
+"""Every place tlvit's default differs from, or could differ from, the authors' code: one registry.
+
+The rule: the default is the paper's method as the authors' code implements it (TokenLabeling at 9dbfd59,
+TL-Align at 4da0621, relabel_imagenet at 3d4824f), except where that code contradicts the paper's own
+text or is geometrically wrong; there the paper and correct geometry win. Each entry names its switch
+(a dotted key of the resolved run config), the value that reproduces the original code and the value
+of the other behaviour, and, when it changes training, the pair of rows (`experiments/rows.yaml`) that
+measures it: the same row with only that switch flipped, so the report's deviations table gives a
+paired difference over seeds. `docs/deviations.md` is rendered from here (`tlvit deviations`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Deviation", "DEVIATIONS", "render_markdown"]
+
+
+@dataclass(frozen=True)
+class Deviation:
+    key: str
+    topic: str
+    original: str  # what the authors' code does
+    other: str  # the other behaviour
+    default: str  # "original" or "other": which one tlvit trains by default
+    why: str  # why the default is what it is
+    switch: str | None = None  # dotted config key; None: not switchable (a bug fix, or outside training)
+    original_value: object = None
+    other_value: object = None
+    rows: tuple[str, str] | None = None  # (row with the original's behaviour, row with the other) for the table
+
+    @property
+    def changes_training(self) -> bool:
+        return self.rows is not None
+
+
+DEVIATIONS: tuple[Deviation, ...] = (
+    Deviation(
+        "align_smoothing", "TL-Align: label smoothing of the initial labels",
+        "every slot smoothed (`token_label(target, C, mask, smoothing)`): the aligned target is smooth(aligned labels)",
+        "class slot smoothed, token slots one-hot: the class slot's share, and with it the smoothing, shrinks with depth",
+        "original", "the paper is silent; the original's target keeps the recipe's smoothing of 0.1",
+        "supervision.align_smoothing", "every_slot", "class_slot", ("deit_s_tlalign", "deit_s_tlalign_smooth_cls_slot")),
+    Deviation(
+        "box_sampler", "CutMix / MixToken / token CutMix box",
+        "side int(G·sqrt(1-λ)), box [c - side//2, c + side//2) clipped: even sides, small boxes vanish "
+        "(mixed share 0.27 of a 14x14 grid, 0.23 of 8x8)",
+        "side round(G·sqrt(1-λ)), box [c - side//2, c - side//2 + side) clipped (mixed share 0.32 of either grid)",
+        "original", "the paper is silent; timm's CutMix, LV-ViT's MixToken and TL-Align's token CutMix all truncate",
+        "augment.box_sampler", "authors", "rounded",
+        ("lvvit_s_token_labeling", "lvvit_s_token_labeling_box_rounded")),
+    Deviation(
+        "pooling", "Score-map pooling (ReLabel target, token labels)",
+        "`roi_align` of the dense *logit* map, then softmax",
+        "average of *probabilities* (each location's softmax first)",
+        "original", "the paper is silent; the original pools logits. The resampling geometry is tlvit's either way "
+        "(see crop_box, map_region)",
+        "supervision.pooling", "logits", "probs", ("lvvit_s_relabel", "lvvit_s_relabel_pool_probs")),
+    Deviation(
+        "absent_classes", "Classes outside the stored top-k",
+        "logit 0 in the dense map before the softmax over all classes: they leak probability",
+        "probability 0 (softmax over the stored top-k only)",
+        "original", "the paper is silent (it stores the top-5 logits). With `pooling: logits` the original's fill is "
+        "required: absent classes have no other logit to pool",
+        "supervision.absent_classes", "zero_logit", "zero_prob",
+        ("lvvit_s_relabel_pool_probs", "lvvit_s_relabel_pool_probs_topk_softmax")),
+    Deviation(
+        "token_loss", "Token-labeling loss",
+        "dense weight 1.0; class token trained on the pooled *annotator* label",
+        "the paper's Eq. 7: β = 0.5; class token trained on the image label y^cls",
+        "other", "the paper's text (LV-ViT Sec. 3.2, Eq. 7) contradicts the code: the paper wins",
+        "supervision.token_weight, supervision.cls_target", "1.0, annotator", "0.5, label",
+        ("lvvit_s_token_labeling_loss_original", "lvvit_s_token_labeling")),
+    Deviation(
+        "crop_box", "Crop box handed to `roi_align`",
+        "built as (top, left, bottom, right) where `roi_align` expects (x1, y1, x2, y2): transposed",
+        "the exact crop: each sample carries an affine `theta` and the map is resampled with it",
+        "other", "geometrically wrong in the original: the exact box wins",
+        "supervision.crop_box", "transposed", "exact",
+        ("lvvit_s_token_labeling_box_transposed", "lvvit_s_token_labeling")),
+    Deviation(
+        "map_region", "Region a score map covers",
+        "the annotator sees the image resized (short side) and centre-cropped; crop boxes are fractions of the "
+        "full image, so for non-square images box and map disagree",
+        "the annotator sees the whole image resized to a square; the map covers exactly the image",
+        "other", "geometrically wrong in the original; the embedded canvases are square, so no embedded pair "
+        "can measure it"),
+    Deviation(
+        "label_smoothing_form", "Label smoothing of soft (score-map) targets",
+        "p·(1 - ε + ε/C) + ε/C: sums to 1 + ε/C, not a distribution",
+        "(1 - ε)·p + ε/C (the usual form; equal to the original's for one-hot labels)",
+        "other", "a target that is not a distribution scales the loss and adds a uniform term; the paper says "
+        "only 'label smoothing 0.1'"),
+    Deviation(
+        "align_mixup_tokens", "TL-Align with MixUp: initial token labels",
+        "each token keeps its own image's label (`token_label` with no mask)",
+        "every token gets λ·y + (1 - λ)·y' (the paper's Sec. 3.3: 'for MixUp, we can simply set all label "
+        "embeddings' to the mixed label)",
+        "other", "the paper's text contradicts the code: the paper wins"),
+    Deviation(
+        "map_flip", "Horizontal flip of the score map",
+        "flipped with the image (TokenLabeling); not flipped (ReLabel)",
+        "flipped: the flip is part of `theta`",
+        "original", "TokenLabeling's behaviour, and geometrically right"),
+    Deviation(
+        "inference", "Inference of token-labeled models",
+        "`cls + 0.5 · max_over_tokens(aux)`",
+        "the same; class-token-only accuracy is logged too (`top1_cls_only`)",
+        "original", "the paper's rule", "model inference_mode"),
+)
+
+
+def render_markdown() -> str:
+    """`docs/deviations.md`: the registry as a reference table (tests/test_deviations.py keeps them equal)."""
+    out = [
+        "# Where tlvit differs from the authors' code, and the switch for each",
+        "",
+        "Generated from `tlvit/deviations.py` by `tlvit deviations --write docs/deviations.md`; do not edit by hand.",
+        "",
+        "The default is the paper's method as the authors' code implements it (TokenLabeling at 9dbfd59, TL-Align at",
+        "4da0621, relabel_imagenet at 3d4824f), except where that code contradicts the paper's own text or is",
+        "geometrically wrong; there the paper and correct geometry win. Papers: *All Tokens Matter: Token Labeling for",
+        "Training Better Vision Transformers* (NeurIPS 2021, arXiv:2104.10858); *Token-Label Alignment for Vision",
+        "Transformers* (ICCV 2023, arXiv:2210.06455).",
+        "",
+        "Each deviation that changes training has a pair of rows that differ only in its switch; the report's",
+        "deviations table (`reports/deviations.md`) gives their paired difference over seeds.",
+        "",
+        "| deviation | topic | original code | other behaviour | tlvit default | why | switch (original / other) | measured by |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for d in DEVIATIONS:
+        switch = f"`{d.switch}`: `{d.original_value}` / `{d.other_value}`" if d.original_value is not None else (
+            f"`{d.switch}`" if d.switch else "— (not switchable)")
+        rows = f"`{d.rows[0]}` vs `{d.rows[1]}`" if d.rows else "—"
+        default = "original" if d.default == "original" else "other"
+        out.append(f"| `{d.key}` | {d.topic} | {d.original} | {d.other} | {default} | {d.why} | {switch} | {rows} |")
+    out += [
+        "",
+        "## Embedded default only",
+        "",
+        "The embedded annotator (`annotator_cnn`) is trained here, densely (the loss on every location of its",
+        "1x1-conv classifier map, each location labelled with the digit whose ink it covers) on canvases the",
+        "data stage composes from the train digits apart from the student's. See `docs/annotator.md` for why,",
+        "with the measured dense-label accuracy of the alternatives.",
+    ]
+    return "\n".join(out) + "\n"
