@@ -13,7 +13,7 @@ import numpy as np
 from pipeline import run_stage
 from tlvit.config import load_params, preset_section
 from tlvit.data.canvases import BACKGROUND, load_gt_maps
-from tlvit.data.datasets import DATA_STATS, DenseLabelDataset, EvalGeometry
+from tlvit.data.datasets import DATA_STATS, DenseLabelDataset, WholeImageGeometry
 from tlvit.io import write_json
 from tlvit.labels.annotator import build_annotator, dense_label_accuracy, generate_score_maps
 from tlvit.labels.score_maps import ScoreMapWriter
@@ -44,7 +44,7 @@ def main(argv=None) -> None:
     mean, std = DATA_STATS[data["kind"]]
     metrics = {}
     for split in ("train", "val"):
-        ds = DenseLabelDataset(data["root"], split, EvalGeometry(meta["input_size"], crop_pct=1.0), mean, std)
+        ds = DenseLabelDataset(data["root"], split, WholeImageGeometry(meta["input_size"]), mean, std)
         store = generate_score_maps(model, ds, layout.score_maps("annotator", split), k=cfg["topk"], batch_size=cfg["batch_size"],
                                     meta={"annotator": meta["model"], "checkpoint_sha256": meta["weights_sha256"],
                                           "input_size": meta["input_size"]})

@@ -31,17 +31,25 @@ def test_two_gloo_processes_match_one_process(tiny_data, tmp_path, repeated_aug)
     # deit_e: LayerNorm only (BatchNorm statistics of half-batches would differ); no mixing (a partner
     # is taken inside each process's batch, so mixing pairs differ by construction)
     cfg = tiny_cfg("ce", epochs=2)
-    cfg.update(model="deit_e", model_kwargs={"depth": 1, "embed_dim": 24, "num_heads": 2}, batch_size=16,
+    cfg.update(model="deit_e", model_kwargs={"depth": 1, "embed_dim": 24, "num_heads": 2}, batch_size=32,
                rand_augment="rand-m9-mstd0.5-inc1", reprob=0.25, repeated_aug=repeated_aug)
     torch.set_num_threads(1)
-    single = train(dict(cfg, batch_size=32), 0, tmp_path / "one", tiny_data, device="cpu", tracking=False,
-                   show_progress=False)
+    single = train(cfg, 0, tmp_path / "one", tiny_data, device="cpu", tracking=False, show_progress=False)
     mp.start_processes(_rank, args=(2, free_port(), cfg, str(tmp_path / "two"), tiny_data), nprocs=2,
                        start_method="spawn")
     a = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=False)
     b = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=False)
-    assert a["config_hash"] != b["config_hash"]  # per-process batch 32 vs 16: different configs, same global batch
+    # batch_size is the global batch: one config, one identity, whatever the process count (16 per process here)
+    assert a["config_hash"] == b["config_hash"]
     for k in a["model"]:
         assert torch.allclose(a["model"][k], b["model"][k], atol=1e-5, rtol=1e-4), k
     # evaluation is summed over both processes: the same accuracy
     assert abs(b["history"][-1]["val_top1"] - single["top1_raw"]) < 1e-9
+
+
+def test_batch_size_is_the_global_batch():
+    from tlvit.train import process_batch
+
+    assert process_batch({"batch_size": 1024}, 8) == 128 and process_batch({"batch_size": 1024}, 1) == 1024
+    with pytest.raises(ValueError, match="global batch and must split evenly over the 3 processes"):
+        process_batch({"batch_size": 1024, "row": "r"}, 3)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tlvit.data.datasets import DenseLabelDataset, EvalGeometry
+from tlvit.data.datasets import DenseLabelDataset, WholeImageGeometry
 from tlvit.labels.annotator import build_annotator, dense_logits, generate_score_maps
 from tlvit.labels.score_maps import ScoreMapError, ScoreMapStore, ScoreMapWriter, class_dtype, topk_to_dense
 
@@ -93,7 +93,7 @@ def test_generate_with_a_checkpoint_through_timms_pretrained_path(tmp_path):
     loaded = build_annotator("annotator_cnn", num_classes=2, checkpoint=str(ckpt))
     for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
         assert torch.equal(a, b)
-    ds = DenseLabelDataset(root, "train", EvalGeometry(32), (0.5,) * 3, (0.25,) * 3)
+    ds = DenseLabelDataset(root, "train", WholeImageGeometry(32), (0.5,) * 3, (0.25,) * 3)
     store = generate_score_maps(loaded, ds, tmp_path / "maps", k=2, batch_size=4, meta={"annotator": "annotator_cnn"}, chunk=4)
     assert store.grid == (8, 8) and len(store) == 6 and store.index["paths"] == ds.paths
     assert store.index["sizes"][0] == [24, 16]
@@ -103,16 +103,16 @@ def test_generate_with_a_checkpoint_through_timms_pretrained_path(tmp_path):
     assert np.array_equal(classes, top.indices[0].numpy())
     assert np.allclose(logits, top.values[0].numpy(), atol=1e-2)
     # the dataset checks the store it is given
-    DenseLabelDataset(root, "train", EvalGeometry(32), (0.5,) * 3, (0.25,) * 3, score_maps=tmp_path / "maps")
+    DenseLabelDataset(root, "train", WholeImageGeometry(32), (0.5,) * 3, (0.25,) * 3, score_maps=tmp_path / "maps")
     (root / "train" / "b" / "9.png").write_bytes((root / "train" / "b" / "0.png").read_bytes())
     with pytest.raises(ScoreMapError, match="b/9.png"):
-        DenseLabelDataset(root, "train", EvalGeometry(32), (0.5,) * 3, (0.25,) * 3, score_maps=tmp_path / "maps")
+        DenseLabelDataset(root, "train", WholeImageGeometry(32), (0.5,) * 3, (0.25,) * 3, score_maps=tmp_path / "maps")
 
 
 def test_corrupt_image_names_the_file(tmp_path):
     root = make_imagefolder(tmp_path / "data")
     (root / "train" / "a" / "1.png").write_bytes(b"not a png")
-    ds = DenseLabelDataset(root, "train", EvalGeometry(32), (0.5,) * 3, (0.25,) * 3)
+    ds = DenseLabelDataset(root, "train", WholeImageGeometry(32), (0.5,) * 3, (0.25,) * 3)
     with pytest.raises(Exception, match=r"a/1.png: cannot read image"):
         ds[1]
 
@@ -122,7 +122,7 @@ def test_composition_targets_train_each_location_on_its_own_cell(tmp_path):
     from tlvit.labels.annotator import IGNORE, train_annotator
 
     root = make_imagefolder(tmp_path / "data", n_per_class=4, size=(32, 32))
-    ds = DenseLabelDataset(root, "train", EvalGeometry(32), (0.5,) * 3, (0.25,) * 3)
+    ds = DenseLabelDataset(root, "train", WholeImageGeometry(32), (0.5,) * 3, (0.25,) * 3)
     torch.manual_seed(0)
     model = build_annotator("annotator_cnn", num_classes=2)
     cells = torch.full((len(ds), 8, 8), IGNORE)
@@ -149,3 +149,41 @@ def test_read_is_a_private_copy_and_pickling_sends_no_map_bytes(tmp_path):
     again = pickle.loads(blob)
     for i in (0, 7, 399):
         assert all(np.array_equal(a, b) for a, b in zip(again.read(i), store.read(i)))
+
+
+class ColourAnnotator(torch.nn.Module):
+    """A stand-in annotator that calls red class 0 and green class 1 at every location (stride 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Conv2d(3, 2, 1)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.tensor([[10.0, -10.0, 0.0], [-10.0, 10.0, 0.0]])[:, :, None, None])
+            self.head.bias.zero_()
+
+    def forward_features(self, x):
+        return torch.nn.functional.avg_pool2d(x, 4)
+
+    def get_classifier(self):
+        return self.head
+
+
+def test_score_maps_cover_the_whole_non_square_image(tmp_path):
+    """A 96x32 image, red in its left quarter: the map's left quarter says class 0. A centre crop (the
+    original's geometry, and tlvit's before) kept only x in [32, 64) and had no class 0 at all."""
+    split = tmp_path / "data" / "train" / "a"
+    split.mkdir(parents=True)
+    arr = np.zeros((32, 96, 3), np.uint8)
+    arr[:, :24, 0] = 255  # red: x < 24, a quarter of the width
+    arr[:, 24:, 1] = 255  # green elsewhere
+    Image.fromarray(arr).save(split / "wide.png")
+    ds = DenseLabelDataset(tmp_path / "data", "train", WholeImageGeometry(32), (0.0,) * 3, (1.0,) * 3)
+    store = generate_score_maps(ColourAnnotator(), ds, tmp_path / "maps", k=1, batch_size=1, meta={"annotator": "t"})
+    top1 = np.asarray(store.classes[0, 0])  # [8, 8]
+    assert (top1[:, :2] == 0).all() and (top1[:, 2:] == 1).all()
+    from tlvit.data.datasets import EvalGeometry
+
+    with pytest.raises(ValueError, match="WholeImageGeometry"):
+        generate_score_maps(ColourAnnotator(), DenseLabelDataset(tmp_path / "data", "train", EvalGeometry(32),
+                                                                 (0.0,) * 3, (1.0,) * 3),
+                            tmp_path / "maps2", k=1, batch_size=1, meta={"annotator": "t"})

@@ -35,12 +35,12 @@ def test_concurrent_shards_write_the_store_one_process_writes(tmp_path):
 
 
 def test_shards_split_chunks_and_the_last_one_publishes(tmp_path):
-    from tlvit.data.datasets import DenseLabelDataset, EvalGeometry
+    from tlvit.data.datasets import DenseLabelDataset, WholeImageGeometry
     from tlvit.labels.annotator import generate_score_maps
 
     root = make_imagefolder(tmp_path / "data", n_per_class=10)
     model = build_annotator("annotator_cnn", num_classes=2)
-    ds = DenseLabelDataset(root, "train", EvalGeometry(32), (0.5,) * 3, (0.25,) * 3)
+    ds = DenseLabelDataset(root, "train", WholeImageGeometry(32), (0.5,) * 3, (0.25,) * 3)
     kw = dict(k=2, batch_size=4, meta={"annotator": "t"}, chunk=4)
     assert generate_score_maps(model, ds, tmp_path / "s", shard=1, num_shards=2, **kw) is None  # chunks 1, 3
     assert not (tmp_path / "s").exists()

@@ -78,6 +78,16 @@ def lr_for(cfg: dict, global_batch: int) -> float:
     return cfg["lr"] * cfg.get("lr_scale", 1.0) * global_batch / base
 
 
+def process_batch(cfg: dict, world_size: int) -> int:
+    """Each process's share of the recipe's `batch_size`, which is the *global* batch (LV-ViT supplementary
+    Table 1: 1024 = the authors' 8 GPUs x 128): the same row computes the same thing on 1, 8 or 64 processes."""
+    global_batch = cfg["batch_size"]
+    if global_batch % world_size:
+        raise ValueError(f"row {cfg.get('row')!r}: batch_size {global_batch} is the global batch and must split evenly "
+                         f"over the {world_size} processes; set a multiple of {world_size} or change the process count")
+    return global_batch // world_size
+
+
 def amp_dtype_for(cfg: dict, device: torch.device) -> torch.dtype | None:
     """The config's AMP dtype on a GPU; None (float32) on the CPU, so CPU runs stay exact."""
     if device.type != "cuda":
@@ -190,10 +200,10 @@ def train(cfg: dict, seed: int, run_dir: str | Path, inputs: RunInputs, *, devic
 
     # ---------------------------------------------------------------- model, supervision, optimizer
     sampler = train_sampler(train_ds, cfg, env, seed)
-    steps_per_epoch = len(sampler) // cfg["batch_size"]
+    global_batch, batch = cfg["batch_size"], process_batch(cfg, env.world_size)
+    steps_per_epoch = len(sampler) // batch
     if steps_per_epoch == 0:
-        raise ValueError(f"{inputs.data_root}/train: {len(train_ds)} images give no full batch of {cfg['batch_size']}")
-    global_batch = cfg["batch_size"] * env.world_size
+        raise ValueError(f"{inputs.data_root}/train: {len(train_ds)} images give no full batch of {global_batch}")
     state = build_training_state(cfg, num_classes, dev, global_batch=global_batch, steps_per_epoch=steps_per_epoch,
                                  seed=seed, env=env)
     model, lr, num_epochs = state.model, state.lr, state.num_epochs
@@ -230,7 +240,7 @@ def train(cfg: dict, seed: int, run_dir: str | Path, inputs: RunInputs, *, devic
         train_ds.set_epoch(seed, epoch)
         sampler.set_epoch(epoch)
         loader_gen = torch.Generator().manual_seed(hash_seed(seed, epoch, env.rank))  # worker seeds
-        loader = DataLoader(train_ds, batch_size=cfg["batch_size"], sampler=sampler, num_workers=cfg["workers"],
+        loader = DataLoader(train_ds, batch_size=batch, sampler=sampler, num_workers=cfg["workers"],
                             generator=loader_gen, drop_last=True, pin_memory=dev.type == "cuda")
         mix_gen = torch.Generator().manual_seed(hash_seed(seed, epoch))  # same mixing draw on every rank
         stats = train_one_epoch(state.net, model, loader, state.supervision, state.optimizer, state.scheduler, epoch, dev,

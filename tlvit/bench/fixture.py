@@ -72,7 +72,7 @@ def ensure_canvases(workdir: Path, sections: dict, n_train: int) -> Path:
 
 def ensure_fixture(workdir: Path, sections: dict, n_train: int) -> Fixture:
     """Canvases and their train split's score-map store under `workdir` (built once, then reused)."""
-    from tlvit.data.datasets import DenseLabelDataset, EvalGeometry
+    from tlvit.data.datasets import DenseLabelDataset, WholeImageGeometry
     from tlvit.labels.annotator import generate_score_maps
     from tlvit.data.datasets import DATA_STATS
 
@@ -81,7 +81,7 @@ def ensure_fixture(workdir: Path, sections: dict, n_train: int) -> Fixture:
     if not (store / INDEX).is_file():
         ann = sections["annotator"]
         mean, std = DATA_STATS["canvases"]
-        ds = DenseLabelDataset(root, "train", EvalGeometry(ann["input_size"], crop_pct=1.0), mean, std)
+        ds = DenseLabelDataset(root, "train", WholeImageGeometry(ann["input_size"]), mean, std)
         model = build_annotator_for(sections, len(ds.classes))
         with quiet_progress():
             generate_score_maps(model, ds, store, k=sections["scoremaps"]["topk"],

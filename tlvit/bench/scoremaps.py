@@ -35,7 +35,7 @@ def run(out_dir: str | Path, *, quick: bool = False, preset: str = "embedded", w
         paths: tuple[Path, Path] | None = None) -> dict:
     """Generate the store `repeats` times (after one untimed run); images/s is the median."""
     from tlvit.bench.data import loader_config
-    from tlvit.data.datasets import DenseLabelDataset, EvalGeometry
+    from tlvit.data.datasets import DenseLabelDataset, WholeImageGeometry
     from tlvit.labels.annotator import generate_score_maps
     from tlvit.labels.score_maps import ScoreMapStore
     from tlvit.data.datasets import DATA_STATS
@@ -49,7 +49,7 @@ def run(out_dir: str | Path, *, quick: bool = False, preset: str = "embedded", w
     with workdir_or_temp(workdir) as wd:
         root = ensure_canvases(wd, sections, images)
         mean, std = DATA_STATS["canvases"]
-        ds = DenseLabelDataset(root, "train", EvalGeometry(ann["input_size"], crop_pct=1.0), mean, std)
+        ds = DenseLabelDataset(root, "train", WholeImageGeometry(ann["input_size"]), mean, std)
         model = build_annotator_for(sections, len(ds.classes), dev)
         info: dict = {}
 

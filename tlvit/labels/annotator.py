@@ -17,7 +17,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from tlvit.data.datasets import DenseLabelDataset, EvalGeometry
+from tlvit.data.datasets import DenseLabelDataset, WholeImageGeometry
 from tlvit.labels.score_maps import ScoreMapStore, ScoreMapWriter
 
 
@@ -169,9 +169,12 @@ def generate_score_maps(model: nn.Module, ds: DenseLabelDataset, out: str | Path
     Resumable: chunks already on disk (from a killed run with the same settings) are not recomputed.
     Shardable: process `shard` of `num_shards` computes chunks c with c % num_shards == shard; the
     store appears when the last shard finishes (the others return None).
-    `ds` must use `EvalGeometry(crop_pct=1)` so the map covers exactly the whole image.
+    `ds` must use `WholeImageGeometry` so the map covers exactly the whole image (a centre crop would
+    shift every token label of a non-square image against its crop).
     """
-    assert isinstance(ds.geometry, EvalGeometry) and ds.geometry.crop_pct == 1.0, "score maps must cover whole images"
+    if not isinstance(ds.geometry, WholeImageGeometry):
+        raise ValueError(f"score maps must cover whole images: build the dataset with WholeImageGeometry, "
+                         f"not {type(ds.geometry).__name__}")
     model.eval().to(device)
     probe = dense_logits(model, ds[0]["image"][None].to(device))
     num_classes, grid = probe.shape[1], tuple(probe.shape[2:])

@@ -27,7 +27,7 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from tlvit.data.datasets import DenseLabelDataset, EvalGeometry, index_split
+    from tlvit.data.datasets import DenseLabelDataset, WholeImageGeometry, index_split
     from tlvit.labels.annotator import build_annotator, file_sha256, generate_score_maps
 
     classes = index_split(args.data, args.split)[2]
@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     model = build_annotator(args.annotator, num_classes, pretrained=args.checkpoint is None, checkpoint=args.checkpoint)
     cfg = model.pretrained_cfg
     size = args.input_size or cfg["input_size"][-1]
-    ds = DenseLabelDataset(args.data, args.split, EvalGeometry(size, crop_pct=1.0), cfg["mean"], cfg["std"])
+    ds = DenseLabelDataset(args.data, args.split, WholeImageGeometry(size), cfg["mean"], cfg["std"])
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     meta = {"annotator": args.annotator, "checkpoint_sha256": file_sha256(args.checkpoint) if args.checkpoint else "timm-pretrained",
             "input_size": size}
