@@ -10,7 +10,7 @@ import torch
 from pipeline import run_stage
 from tlvit.config import ConfigError, load_params, preset_section
 from tlvit.data.canvases import load_gt_maps
-from tlvit.data.datasets import DATA_STATS, DenseLabelDataset, EvalGeometry, TrainGeometry
+from tlvit.data.datasets import DATA_STATS, DenseLabelDataset, EvalGeometry, TrainGeometry, index_split
 from tlvit.io import save_torch_atomic, write_json
 from tlvit.labels.annotator import build_annotator, cell_targets, dense_logits, file_sha256, image_accuracy, train_annotator
 from tlvit.layout import Layout
@@ -28,8 +28,9 @@ def main(argv=None) -> None:
     size = cfg["input_size"]
     out = layout.annotator_dir
     out.mkdir(parents=True, exist_ok=True)
-    val = DenseLabelDataset(data["root"], "val", EvalGeometry(size), mean, std)
-    num_classes = len(val.classes)
+    classes = index_split(data["root"], "train")[2]  # ids and their count come from train; val must match
+    val = DenseLabelDataset(data["root"], "val", EvalGeometry(size), mean, std, classes=classes)
+    num_classes = len(classes)
     torch.manual_seed(cfg["seed"])
     model = build_annotator(cfg["model"], num_classes, cfg["pretrained"], cfg["checkpoint"])
     t0, history = time.time(), []

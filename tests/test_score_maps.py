@@ -187,3 +187,19 @@ def test_score_maps_cover_the_whole_non_square_image(tmp_path):
         generate_score_maps(ColourAnnotator(), DenseLabelDataset(tmp_path / "data", "train", EvalGeometry(32),
                                                                  (0.0,) * 3, (1.0,) * 3),
                             tmp_path / "maps2", k=1, batch_size=1, meta={"annotator": "t"})
+
+
+def test_val_split_with_other_class_folders_is_refused(tmp_path):
+    """A val split missing one class would shift every later class id; it is one clear error instead."""
+    from tlvit.data.datasets import DatasetError, val_split
+
+    root = make_imagefolder(tmp_path, classes=("a", "b", "c"))
+    for c in ("a", "c"):
+        (root / "val" / c).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(root / "val" / c / "0.png")
+    cfg = {"img_size": 16, "crop_pct": 1.0}
+    with pytest.raises(DatasetError, match=r"val: class folders differ from the train split's \(missing \['b'\]"):
+        val_split(cfg, root, "imagefolder")
+    (root / "val" / "b").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "val" / "b" / "0.png")
+    assert val_split(cfg, root, "imagefolder").classes == ["a", "b", "c"]

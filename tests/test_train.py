@@ -38,7 +38,7 @@ def tiny_cfg(kind: str = "ce", mix_token: bool = False, epochs: int = 3, **extra
     cfg = resolve_run_config(load_params(REPO / "params.yaml"), "lvvit_s_baseline", preset="smoke",
                              rows_path=REPO / "experiments" / "rows.yaml", params_path=REPO / "params.yaml")
     cfg = copy.deepcopy(cfg)
-    cfg.update(epochs=epochs, batch_size=32, warmup_epochs=1, workers=0, model_kwargs={"depth": 1, "embed_dim": 24, "num_heads": 2})
+    cfg.update(epochs=epochs, batch_size=32, warmup_epochs=1 if epochs > 1 else 0, workers=0, model_kwargs={"depth": 1, "embed_dim": 24, "num_heads": 2})
     cfg["supervision"]["kind"] = kind
     cfg["augment"]["mix_token"] = mix_token
     for key, value in extra.items():  # section__key=value

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import test_train
+from repo_copy import REPO
 import tlvit.train as train_mod
 from test_train import tiny_cfg
 from tlvit.distributed import DistEnv
@@ -167,3 +168,26 @@ def test_samples_are_seeded_without_torch_manual_seed(tiny_data, monkeypatch):
     after = [ds[i] for i in (3, 2, 1, 0)][::-1]
     assert all(torch.equal(a["image"], b["image"]) and torch.equal(a["theta"], b["theta"]) for a, b in zip(before, after))
     assert not torch.equal(before[0]["theta"], before[1]["theta"])
+
+
+def test_every_row_has_a_schedule_that_means_what_it_says():
+    from tlvit.config import load_params, load_rows, resolve_run_config
+    from tlvit.train import check_schedule
+
+    params = load_params(REPO / "params.yaml")
+    for preset in ("embedded", "embedded-full", "smoke", "imagenet"):
+        for row in load_rows(REPO / "experiments" / "rows.yaml"):
+            cfg = resolve_run_config(params, row, preset=preset, rows_path=REPO / "experiments" / "rows.yaml")
+            check_schedule(cfg, cfg["batch_size"])
+
+
+def test_schedules_that_cannot_mean_what_they_say_are_refused():
+    from tlvit.config import load_params, resolve_run_config
+    from tlvit.train import check_schedule
+
+    cfg = resolve_run_config(load_params(REPO / "params.yaml"), "lvvit_s_baseline", preset="embedded",
+                             rows_path=REPO / "experiments" / "rows.yaml")
+    with pytest.raises(ValueError, match="warmup_epochs 30 is not shorter than epochs 30"):
+        check_schedule(dict(cfg, warmup_epochs=30), 128)
+    with pytest.raises(ValueError, match="below min_lr"):
+        check_schedule(dict(cfg, lr=1e-6), 128)  # 1e-6 x 8 x 128 / 1024 = 1e-6 < min_lr 1e-5

@@ -78,6 +78,20 @@ def lr_for(cfg: dict, global_batch: int) -> float:
     return cfg["lr"] * cfg.get("lr_scale", 1.0) * global_batch / base
 
 
+def check_schedule(cfg: dict, global_batch: int) -> None:
+    """Refuse a schedule that cannot mean what it says: a warm-up as long as the cosine schedule, or an lr
+    below min_lr after scaling (the cosine would then climb). `epochs` is the cosine's length; training
+    runs epochs + cooldown_epochs (the cool-down holds min_lr, as LV-ViT's code does)."""
+    row = cfg.get("row")
+    if cfg["warmup_epochs"] >= cfg["epochs"] and cfg["warmup_epochs"] > 0:
+        raise ValueError(f"row {row!r}: warmup_epochs {cfg['warmup_epochs']} is not shorter than epochs {cfg['epochs']} "
+                         "(the cosine schedule's length); shorten the warm-up or train longer")
+    lr = lr_for(cfg, global_batch)
+    if lr < cfg["min_lr"] * (1 - 1e-9):
+        raise ValueError(f"row {row!r}: the scaled lr {lr:.3g} (lr x lr_scale x batch {global_batch} / base batch) is "
+                         f"below min_lr {cfg['min_lr']:.3g}, so the cosine schedule would climb; lower min_lr or raise lr")
+
+
 def process_batch(cfg: dict, world_size: int) -> int:
     """Each process's share of the recipe's `batch_size`, which is the *global* batch (LV-ViT supplementary
     Table 1: 1024 = the authors' 8 GPUs x 128): the same row computes the same thing on 1, 8 or 64 processes."""
@@ -146,6 +160,7 @@ def build_training_state(cfg: dict, num_classes: int, device: torch.device, *, g
     from timm.scheduler import create_scheduler_v2
     from timm.utils import ModelEmaV3
 
+    check_schedule(cfg, global_batch)
     torch.manual_seed(seed)  # identical initial weights on every rank
     model = build_model(cfg, num_classes).to(device)
     # AMP and channels-last only where they pay: on a GPU (the CPU keeps float32, so CPU runs stay exact)
@@ -195,7 +210,7 @@ def train(cfg: dict, seed: int, run_dir: str | Path, inputs: RunInputs, *, devic
     if uses_maps and store is None:
         raise ValueError(f"row {cfg.get('row')!r}: supervision {sup_cfg['kind']!r} needs score maps; none given")
     train_ds = train_split(cfg, inputs.data_root, inputs.data_kind, score_maps=store)
-    val_ds = val_split(cfg, inputs.data_root, inputs.data_kind)
+    val_ds = val_split(cfg, inputs.data_root, inputs.data_kind, classes=train_ds.classes)
     num_classes = len(train_ds.classes)
 
     # ---------------------------------------------------------------- model, supervision, optimizer

@@ -52,6 +52,14 @@ def index_split(root: str | Path, split: str) -> tuple[list[str], list[int], lis
     return rel, [t for _, t in samples], classes
 
 
+def check_same_classes(split_dir: Path, found: list[str], train: list[str]) -> None:
+    """Class ids are positions in train's sorted class list: a split with other folders would shift them."""
+    if found != train:
+        missing, extra = sorted(set(train) - set(found)), sorted(set(found) - set(train))
+        raise DatasetError(f"{split_dir}: class folders differ from the train split's (missing {missing}, extra "
+                           f"{extra}); class ids come from train's sorted folders, so every split needs the same ones")
+
+
 def load_rgb(path: Path) -> Image.Image:
     """Open an image as RGB, naming the file and the fix when it is unreadable."""
     try:
@@ -130,10 +138,13 @@ class DenseLabelDataset(Dataset):
     """
 
     def __init__(self, root: str | Path, split: str, geometry: Callable, mean: tuple, std: tuple,
-                 score_maps: str | Path | None = None, erasing: Callable | None = None):
+                 score_maps: str | Path | None = None, erasing: Callable | None = None,
+                 classes: list[str] | None = None):
         self.root = Path(root)
         self.split_dir = self.root / split
         self.paths, self.targets, self.classes = index_split(root, split)
+        if classes is not None:
+            check_same_classes(self.split_dir, self.classes, list(classes))
         if not self.paths:
             raise DatasetError(f"{self.split_dir}: no images found (extensions {IMG_EXTENSIONS})")
         self.geometry = geometry
@@ -202,7 +213,12 @@ def train_split(cfg: dict, root: str | Path, kind: str, score_maps: str | Path |
     return DenseLabelDataset(root, "train", geometry, mean, std, score_maps=score_maps, erasing=erasing)
 
 
-def val_split(cfg: dict, root: str | Path, kind: str) -> DenseLabelDataset:
-    """The `val` split as a run of `cfg` evaluates on it (resize + centre crop at `crop_pct`)."""
+def val_split(cfg: dict, root: str | Path, kind: str, classes: list[str] | None = None) -> DenseLabelDataset:
+    """The `val` split as a run of `cfg` evaluates on it (resize + centre crop at `crop_pct`).
+
+    classes: the train split's class folders; val must have exactly these (default: read train's).
+    """
     mean, std = DATA_STATS[kind]
-    return DenseLabelDataset(root, "val", EvalGeometry(cfg["img_size"], cfg.get("crop_pct", 1.0)), mean, std)
+    classes = index_split(root, "train")[2] if classes is None else classes
+    return DenseLabelDataset(root, "val", EvalGeometry(cfg["img_size"], cfg.get("crop_pct", 1.0)), mean, std,
+                             classes=classes)
