@@ -55,7 +55,7 @@ def main(argv=None) -> None:
                                   weight_decay=cfg["weight_decay"], seed=cfg["seed"], dense=cfg["dense_loss"], cells=cells)
     weights = out / "model.pth"
     save_torch_atomic(model.state_dict(), weights)
-    top1 = image_accuracy(model, val)
+    top1 = image_accuracy(model, val, device=None)  # a GPU when there is one
     meta = {"model": cfg["model"], "num_classes": num_classes, "input_size": size, "weights": str(weights),
             "weights_sha256": file_sha256(weights), "trained_on": cfg["train_split"] if history else None,
             "targets": targets if history else None,

@@ -46,7 +46,7 @@ def main(argv=None) -> None:
     for split in ("train", "val"):
         ds = DenseLabelDataset(data["root"], split, WholeImageGeometry(meta["input_size"]), mean, std)
         store = generate_score_maps(model, ds, layout.score_maps("annotator", split), k=cfg["topk"], batch_size=cfg["batch_size"],
-                                    meta={"annotator": meta["model"], "checkpoint_sha256": meta["weights_sha256"],
+                                    device=None, meta={"annotator": meta["model"], "checkpoint_sha256": meta["weights_sha256"],
                                           "input_size": meta["input_size"]})
         metrics["bytes_per_image"] = store.bytes_per_image()
         metrics["grid"] = list(store.grid)

@@ -125,6 +125,16 @@ def test_launcher_section_is_checked():
         load_launcher_config({"launcher": {"slurm": {"gpus_per_node": 4, "tasks_per_node": 2}}})
 
 
+def test_an_imagenet_preset_on_slurm_without_gpus_warns(caplog):
+    params = load_params(REPO / "params.yaml")
+    with caplog.at_level(logging.WARNING):
+        load_launcher_config(dict(params, preset="embedded"), kind="slurm")
+    assert "gpus_per_node is 0" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        load_launcher_config(dict(params, preset="imagenet"), kind="slurm")
+    assert "gpus_per_node is 0 for preset 'imagenet'" in caplog.text and "10 CPU(s) per task" in caplog.text
+
+
 def test_short_timeouts_warn_about_submitit_counting_preemptions_as_timeouts(caplog):
     with caplog.at_level(logging.WARNING):
         load_launcher_config({"launcher": {"slurm": {"timeout_min": 30}}})

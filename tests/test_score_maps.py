@@ -104,6 +104,13 @@ def test_generate_with_a_checkpoint_through_timms_pretrained_path(tmp_path):
     assert np.allclose(logits, top.values[0].numpy(), atol=1e-2)
     # the dataset checks the store it is given
     DenseLabelDataset(root, "train", WholeImageGeometry(32), (0.5,) * 3, (0.25,) * 3, score_maps=tmp_path / "maps")
+    # the same name, another image: 24x16 swapped for 16x24 is caught when the sample is read
+    rotated = np.random.default_rng(7).integers(0, 255, (24, 16, 3), dtype=np.uint8)
+    Image.fromarray(rotated).save(root / "train" / "a" / "1.png")
+    ds = DenseLabelDataset(root, "train", WholeImageGeometry(32), (0.5,) * 3, (0.25,) * 3, score_maps=tmp_path / "maps")
+    ds[0]
+    with pytest.raises(ScoreMapError, match=r"a/1.png: image is 16x24 but the score-map store .* from a 24x16 image"):
+        ds[1]
     (root / "train" / "b" / "9.png").write_bytes((root / "train" / "b" / "0.png").read_bytes())
     with pytest.raises(ScoreMapError, match="b/9.png"):
         DenseLabelDataset(root, "train", WholeImageGeometry(32), (0.5,) * 3, (0.25,) * 3, score_maps=tmp_path / "maps")

@@ -18,7 +18,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
 from tlvit.labels.geometry import compose, crop_flip_theta, identity_clips
-from tlvit.labels.score_maps import ScoreMapStore
+from tlvit.labels.score_maps import ScoreMapError, ScoreMapStore
 
 
 def hash_seed(*parts: int) -> int:
@@ -181,6 +181,11 @@ class DenseLabelDataset(Dataset):
         """Sample i, or (i, view): copy `view` of sample i under repeated augmentation, augmented its own way."""
         i, view = i if isinstance(i, tuple) else (i, 0)
         img = load_rgb(self.split_dir / self.paths[i])
+        if self.store is not None and list(img.size) != self.store.index["sizes"][i]:
+            # the same name, another image (e.g. 300x200 swapped for 200x300): its map would label the wrong pixels
+            raise ScoreMapError(f"{self.split_dir / self.paths[i]}: image is {img.size[0]}x{img.size[1]} but the score-map "
+                                f"store {self.store.root} was made from a {'x'.join(map(str, self.store.index['sizes'][i]))} "
+                                "image of this name; regenerate the store (`dvc repro scoremaps` or `tlvit scoremaps`)")
         if self.aug_seed is not None:
             self._seed_sample(i, view)
         img, theta, clips = self.geometry(img)

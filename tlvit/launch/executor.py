@@ -137,6 +137,11 @@ def load_launcher_config(params: dict, *, kind: str | None = None, folder: str |
     if folder is not None:
         cfg.folder = folder
     cfg.validate()
+    preset = (params.get("presets") or {}).get(params.get("preset")) or {}
+    if cfg.kind == "slurm" and not cfg.slurm.gpus_per_node and (preset.get("data") or {}).get("kind") == "imagefolder":
+        log.warning("%s: launcher.slurm.gpus_per_node is 0 for preset %r (ImageNet-scale): its rows will train on "
+                    "%d CPU(s) per task; set gpus_per_node (e.g. 8) to train on GPUs", params_path,
+                    params.get("preset"), cfg.slurm.cpus_per_task)
     return cfg
 
 
