@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml requirements-lock.txt
 
 repro: setup  ## dvc repro on the preset in params.yaml (default: embedded), then print where the report is
 	dvc repro
-	@echo "Report: $(CURDIR)/reports/README.md  (tables: reports/*.md, figures: reports/figures/)"
+	@$(BIN)/python -c "import yaml; print('Report: $(CURDIR)/reports/%s/README.md' % yaml.safe_load(open('params.yaml'))['preset'])"
 
 test: setup  ## every test, including an end-to-end `dvc repro` of the smoke preset in a temporary repo
 	$(BIN)/python -m pytest

@@ -1,4 +1,4 @@
-"""Stage `report`: regenerate reports/ (tables as Markdown/CSV/LaTeX with claim verdicts, figures, an index)."""
+"""Stage `report`: regenerate reports/<preset>/ (tables as Markdown/CSV/LaTeX with claim verdicts, figures, an index)."""
 from __future__ import annotations
 
 import argparse

@@ -42,16 +42,16 @@ def test_smoke_repro_end_to_end(smoke_repo, tmp_path):
     assert not uncovered, f"dvc.yaml stages run these modules without listing them in their deps: {uncovered}"
 
     # the report: both rows with a reproduced number and their provenance, and a real PNG
-    table = (repo / "reports" / "lvvit_table3.md").read_text()
+    table = (repo / "reports" / "smoke" / "lvvit_table3.md").read_text()
     for label in ("+ Enhanced residual connection", "+ Token labeling"):
         line = next(line for line in table.splitlines() if label in line)
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert re.fullmatch(r"\d+\.\d\d", cells[2]), line  # reproduced top-1
         assert re.fullmatch(r"[0-9a-f]{32}", cells[6]), line  # MLflow run id
         assert re.fullmatch(r"[0-9a-f]{12}", cells[8]), line  # config hash
-    with Image.open(repo / "reports" / "figures" / "lvvit_table3.png") as img:
+    with Image.open(repo / "reports" / "smoke" / "figures" / "lvvit_table3.png") as img:
         assert img.size[0] > 300 and img.size[1] > 200
-    assert "lvvit_table3.md" in (repo / "reports" / "README.md").read_text()
+    assert "lvvit_table3.md" in (repo / "reports" / "smoke" / "README.md").read_text()
 
     # MLflow holds both runs with params and one metric point per epoch
     from mlflow.tracking import MlflowClient

@@ -123,7 +123,7 @@ def render_markdown() -> str:
         "Transformers* (ICCV 2023, arXiv:2210.06455).",
         "",
         "Each deviation that changes training has a pair of rows that differ only in its switch; the report's",
-        "deviations table (`reports/deviations.md`) gives their paired difference over seeds.",
+        "deviations table (`reports/<preset>/deviations.md`) gives their paired difference over seeds.",
         "",
         "| deviation | topic | original code | other behaviour | tlvit default | why | switch (original / other) | measured by |",
         "|---|---|---|---|---|---|---|---|",

@@ -40,7 +40,7 @@ class Layout:
 
     @property
     def reports_dir(self) -> Path:
-        return self.root / "reports"
+        return self.root / "reports" / self.preset
 
     def dataset(self) -> dict:
         if not self.dataset_file.is_file():

@@ -221,9 +221,8 @@ def train_split(cfg: dict, root: str | Path, kind: str, score_maps: str | Path |
 def val_split(cfg: dict, root: str | Path, kind: str, classes: list[str] | None = None) -> DenseLabelDataset:
     """The `val` split as a run of `cfg` evaluates on it (resize + centre crop at `crop_pct`).
 
-    classes: the train split's class folders; val must have exactly these (default: read train's).
+    classes: the train split's class folders, which val must match exactly (training passes them; None: unchecked).
     """
     mean, std = DATA_STATS[kind]
-    classes = index_split(root, "train")[2] if classes is None else classes
     return DenseLabelDataset(root, "val", EvalGeometry(cfg["img_size"], cfg.get("crop_pct", 1.0)), mean, std,
                              classes=classes)

@@ -7,7 +7,7 @@ pending, never as a number.
 
 Modules: `results` (each row's seeds and status), `stats` (CIs, verdicts), `frames` (tables as data and
 Markdown), `figures` (Δ bars, ablation path, scaling, curves), `curves` (per-epoch series: source and
-check), `dense_labels`, `alignment` (TL-Align figures on checkpoints), `build` (writes reports/ and its index).
+check), `dense_labels`, `alignment` (TL-Align figures on checkpoints), `build` (writes reports/<preset>/ and its index).
 """
 from tlvit.report.build import build_report, write_text
 from tlvit.report.dense_labels import dense_label_table

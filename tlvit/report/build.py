@@ -1,4 +1,4 @@
-"""Write reports/: every table (Markdown, CSV, LaTeX, claims with verdicts), every figure, and the index."""
+"""Write reports/<preset>/: every table (Markdown, CSV, LaTeX, claims with verdicts), every figure, and the index."""
 from __future__ import annotations
 
 import datetime as dt
@@ -56,7 +56,7 @@ def write_table(table: Table, results: Results, out: Path) -> str:
 def build_report(params: dict, *, tables_dir: str | Path = TABLES_DIR, rows_path: str | Path = "experiments/rows.yaml",
                  params_path: str | Path = "params.yaml", layout: Layout | None = None, commit: str = "unknown",
                  out_dir: str | Path | None = None) -> Path:
-    """Regenerate `reports/` (or `out_dir`) for the params' preset; returns the index (README.md there)."""
+    """Regenerate `reports/<preset>/` (or `out_dir`) for the params' preset; returns the index (README.md there)."""
     from tlvit.report.alignment import aligned_label_figure, rmse_figure
     from tlvit.report.dense_labels import dense_label_figure, dense_label_table
 

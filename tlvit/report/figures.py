@@ -196,7 +196,7 @@ def curves_figure(rows: list[str], results: Results, path: Path, title: str | No
                  fontsize=9)
     disagree = [row for row, rc in drawn.items() if rc.mismatches]
     if disagree:  # in the figure too, not only in the index
-        fig.text(0.5, 0.01, f"JSON copy and MLflow disagree for {', '.join(disagree)}: see reports/README.md",
+        fig.text(0.5, 0.01, f"JSON copy and MLflow disagree for {', '.join(disagree)}: see the report's README.md",
                  ha="center", fontsize=8, color="red")
     fig.tight_layout(rect=(0, 0.04 if disagree else 0, 1, 1))
     if drawn:
