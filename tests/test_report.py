@@ -338,3 +338,22 @@ def test_git_commit_is_dirty_for_code_not_for_pipeline_outputs(tmp_path):
     assert git_commit(tmp_path) == sha
     (tmp_path / "code.py").write_text("x = 2")
     assert git_commit(tmp_path) == sha + "-dirty"
+
+
+def test_report_says_what_data_it_measured_and_flags_an_imagenet_subset(tmp_path):
+    from tlvit.report.build import data_note
+    from tlvit.report.results import Results
+
+    params = load_params(PARAMS)
+    layout = Layout("imagenet", tmp_path)
+    assert "not built yet" in data_note(Results(layout, params, ROWS, PARAMS))
+    for split in ("train", "val"):
+        for c in ("n01", "n02"):
+            (tmp_path / "tiny" / split / c).mkdir(parents=True)
+    layout.data_dir.mkdir(parents=True)
+    layout.dataset_file.write_text(json.dumps({"kind": "imagefolder", "root": str(tmp_path / "tiny"),
+                                               "splits": {"train": 10, "val": 4}}))
+    params["presets"]["imagenet"]["train"]["epochs"] = 1
+    note = data_note(Results(layout, params, ROWS, PARAMS))
+    assert f"`imagefolder` at `{tmp_path / 'tiny'}`, 2 classes, 10 train / 4 val images; recipe: 1 epochs" in note
+    assert "**Subset run** (classes 2 < 1,000, train images 10 < 1,281,167, val images 4 < 50,000, epochs 1 < 300)" in note

@@ -16,8 +16,8 @@ Table 10). The label that reaches the class token is DeiT's training target; poo
     loss = soft_cross_entropy(out.cls_logits, aligner.cls_target())
 
 Factored labels. Every initial label is a combination of three vectors per image: its label y_b, its
-partner's y_{B-1-b} and the uniform 1/C (label smoothing, in every slot as the original code does). Each block's update is a
-left-multiplication by a [T, T] matrix, so the labels stay such combinations: Y = K @ basis with
+partner's y_{B-1-b} and the uniform 1/C (label smoothing, in every slot as the original code does).
+Each block's update is a left-multiplication by a [T, T] matrix, so the labels stay such combinations: Y = K @ basis with
 coefficients K [B, T, 3] and basis [B, 3, C] (:class:`FactoredLabels`, :func:`initial_label_factors`).
 The aligner moves K only (A @ K instead of A @ Y: 3 columns instead of C) and forms labels where a
 target is read. The attention is then only needed as products with 3 columns, which the model's

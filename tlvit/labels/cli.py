@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -35,6 +36,10 @@ def run(args: argparse.Namespace) -> int:
     model = build_annotator(args.annotator, num_classes, pretrained=args.checkpoint is None, checkpoint=args.checkpoint)
     cfg = model.pretrained_cfg
     size = args.input_size or cfg["input_size"][-1]
+    if args.input_size is None:
+        print(f"warning: no --input-size: using {args.annotator}'s default {size} px; the map's grid follows the input "
+              "(LV-ViT's maps: dm_nfnet_f6 at --input-size 576, 18x18), and the pipeline's stage uses "
+              "annotator.input_size", file=sys.stderr)
     ds = DenseLabelDataset(args.data, args.split, WholeImageGeometry(size), cfg["mean"], cfg["std"])
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     meta = {"annotator": args.annotator, "checkpoint_sha256": file_sha256(args.checkpoint) if args.checkpoint else "timm-pretrained",
