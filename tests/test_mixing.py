@@ -104,6 +104,15 @@ def test_none_and_input_untouched():
     assert torch.equal(x, keep)
 
 
+def test_mixup_cutmix_patch_switches_to_the_token_grid_box():
+    """TL-Align's code draws the CutMix branch on the token grid: whole patches only."""
+    x = labelled_batch()
+    assert mix_images(x, "mixup_cutmix_patch", GRID, gen(0), switch_prob=0.0).kind == "mixup"
+    for seed in range(10):
+        m = mix_images(x, "mixup_cutmix_patch", GRID, gen(seed), switch_prob=1.0)
+        assert m.kind == "cutmix_patch" and set(m.token_own.tolist()) <= {0.0, 1.0}
+
+
 def test_mixup_cutmix_switches():
     x = labelled_batch()
     assert mix_images(x, "mixup_cutmix", GRID, gen(0), switch_prob=1.0).kind == "cutmix"

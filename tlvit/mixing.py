@@ -14,6 +14,8 @@ kinds:
   patch         random patch mixing (TL-Align Table 7 "Random", MAE-like): a random set of patches
   block         block-wise mixing (TL-Align Table 7 "Block-wise", BEiT-like): random rectangles of patches
   mixup_cutmix  DeiT's default: CutMix with probability switch_prob, else MixUp (Table 7 row 3)
+  mixup_cutmix_patch  the same with patch-aligned CutMix: TL-Align's code (`TL_AlignMix`) switches
+                between MixUp and token-grid CutMix (Table 7 row 3 + TL-Align)
 
 Boxes follow the authors' CutMix sampler (truncated even sides, `sample_token_box`) unless
 ``sampler="rounded"``. ``lam`` is always the share of the sample's own content, recomputed from what
@@ -34,7 +36,7 @@ from tlvit.models.mix_token import _beta, sample_token_box
 
 __all__ = ["KINDS", "Mixed", "mix_images", "mix_targets", "mix_token_targets"]
 
-KINDS = ("none", "mixup", "cutmix", "cutmix_patch", "patch", "block", "mixup_cutmix")
+KINDS = ("none", "mixup", "cutmix", "cutmix_patch", "patch", "block", "mixup_cutmix", "mixup_cutmix_patch")
 
 
 @dataclass
@@ -47,7 +49,7 @@ class Mixed:
     # from the sample's own image, 1 = own, 0 = partner, fractional for patches cut by a pixel box, lam for MixUp
     token_own: torch.Tensor
     box: Optional[Tuple[int, int, int, int]]  # pixel box (y0, y1, x0, x1), half-open, filled from the partner
-    kind: str = "none"  # the kind actually applied (mixup_cutmix resolves to mixup or cutmix)
+    kind: str = "none"  # the kind actually applied (mixup_cutmix[_patch] resolves to mixup or cutmix[_patch])
 
 
 def mix_images(
@@ -80,9 +82,10 @@ def mix_images(
     ph, pw = H // gh, W // gw
     if kind == "none":
         return Mixed(x, 1.0, torch.ones(gh * gw, device=x.device), None, "none")
-    if kind == "mixup_cutmix":
+    if kind in ("mixup_cutmix", "mixup_cutmix_patch"):
         use_cutmix = float(torch.rand((), generator=generator)) < switch_prob
-        kind, alpha = ("cutmix", alpha) if use_cutmix else ("mixup", mixup_alpha)
+        box_kind = "cutmix" if kind == "mixup_cutmix" else "cutmix_patch"
+        kind, alpha = (box_kind, alpha) if use_cutmix else ("mixup", mixup_alpha)
     if alpha <= 0:
         raise ValueError(f"{kind} needs alpha > 0, got {alpha}")
 
