@@ -25,6 +25,7 @@ from PIL import Image
 
 from tlvit.config import ConfigError, config_hash, load_params, resolve_run_config
 from tlvit.launch import executor as ex
+from tlvit.launch import launcher as launcher_mod
 from tlvit.launch import records as rec
 from tlvit.launch.executor import LauncherConfig, SlurmOptions, load_launcher_config, make_executor
 from tlvit.launch.launcher import DvcStatus, launch_rows, plan_launch
@@ -54,7 +55,7 @@ def make_tiny_repo(root: Path, rows: dict[str, dict], *, epochs: int = 3, per_cl
                    launcher: dict | None = None) -> Path:
     """A working directory the launcher can run rows in: params.yaml (preset `tiny`: the smoke recipe on
     a generated ImageFolder, lvvit_e at 64 px, batch 32), experiments/rows.yaml, data/tiny/dataset.json and
-    a copy of pipeline/ (the job imports `pipeline.train` from its working directory)."""
+    a copy of pipeline/ (the train@<row> stage, `pipeline.train`, runs from the working directory)."""
     root.mkdir(parents=True, exist_ok=True)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     train = copy.deepcopy(params["presets"]["smoke"]["train"])
@@ -198,18 +199,18 @@ def test_pipeline_waits_only_for_a_job_of_the_same_config(tmp_path, capsys):
     params = {"preset": "tiny", "launcher": {"kind": "local"}, "presets": {}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     layout = Layout("tiny", tmp_path)
-    assert rec.await_launched_row("a", "h", params, root=tmp_path) == "none"
+    assert launcher_mod.await_launched_row("a", "h", params, root=tmp_path) == "none"
     rec.write_record(layout, _record(tmp_path, kind="local", state="COMPLETED"))
-    assert rec.await_launched_row("a", "h", params, root=tmp_path) == "done"
+    assert launcher_mod.await_launched_row("a", "h", params, root=tmp_path) == "done"
     rec.write_record(layout, _record(tmp_path, kind="local", state="FAILED", error="RuntimeError: x"))
-    assert rec.await_launched_row("a", "h", params, tmp_path / "params.yaml", root=tmp_path) == "failed"
+    assert launcher_mod.await_launched_row("a", "h", params, tmp_path / "params.yaml", root=tmp_path) == "failed"
     assert "ended FAILED" in capsys.readouterr().out
     rec.write_record(layout, _record(tmp_path, config_hash="old"))
     with mock.patch.object(rec, "slurm_state", return_value="RUNNING"):
         with pytest.raises(rec.LaunchError, match="still RUNNING with an older config"):
-            rec.await_launched_row("a", "h", params, root=tmp_path)
+            launcher_mod.await_launched_row("a", "h", params, root=tmp_path)
     with mock.patch.object(rec, "slurm_state", return_value="COMPLETED"):  # an old finished job: ignored
-        assert rec.await_launched_row("a", "h", params, root=tmp_path) == "none"
+        assert launcher_mod.await_launched_row("a", "h", params, root=tmp_path) == "none"
 
 
 def test_a_failed_slurm_job_is_resubmitted_once_then_the_stage_fails(tmp_path):
@@ -218,9 +219,9 @@ def test_a_failed_slurm_job_is_resubmitted_once_then_the_stage_fails(tmp_path):
     rec.write_record(Layout("tiny", tmp_path), _record(tmp_path))
     resubmitted = _record(tmp_path, job_id="42")
     with mock.patch.object(rec, "slurm_state", return_value="FAILED"), \
-            mock.patch("tlvit.launch.launcher.launch_rows", return_value=[resubmitted]) as launch:
+            mock.patch.object(launcher_mod, "launch_rows", return_value=[resubmitted]) as launch:
         with pytest.raises(rec.LaunchError, match="resubmitted job 42 ended FAILED"):
-            rec.await_launched_row("a", "h", params, tmp_path / "params.yaml", root=tmp_path)
+            launcher_mod.await_launched_row("a", "h", params, tmp_path / "params.yaml", root=tmp_path)
     assert launch.call_args.args[0] == ["a"]
 
 
@@ -393,7 +394,7 @@ def test_sync_creates_a_run_that_never_reached_the_server(tmp_path):
 # ---------------------------------------------------------------------------- submitit's local executor, for real
 @pytest.mark.e2e
 def test_row_through_submitit_local_then_collected_without_retraining(tmp_path, monkeypatch):
-    """`tlvit launch` with `kind: submitit-local`; then the DVC stage's `run_row` waits for the job and
+    """`tlvit launch` with `kind: submitit-local`; then the DVC stage waits for the job and
     finds the run complete (no training: the checkpoint is not rewritten)."""
     repo = make_tiny_repo(tmp_path / "repo", {"a": {}}, epochs=2, per_class=16,
                           launcher={"kind": "submitit-local", "folder": str(tmp_path / "submitit")})
@@ -406,11 +407,13 @@ def test_row_through_submitit_local_then_collected_without_retraining(tmp_path, 
 
     sys.path.insert(0, str(repo))
     try:
-        from pipeline.train import run_row
+        from pipeline.train import main
 
-        metrics = run_row("a", show_progress=False)  # waits for the job, then collects
+        main(["--row", "a"])  # the train@a stage: waits for the job, then collects
     finally:
         sys.path.remove(str(repo))
+        sys.modules.pop("pipeline.train", None), sys.modules.pop("pipeline", None)
+    metrics = json.loads(Layout("tiny", repo).row_metrics("a").read_text())
     assert rec.poll(record).phase == "done"
     ckpt = repo / "runs" / "tiny" / "a" / "seed0" / "checkpoint.pt"
     result_pickle = Path(record.folder.replace("%j", record.job_id)) / f"{record.job_id}_0_result.pkl"

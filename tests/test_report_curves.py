@@ -30,11 +30,8 @@ KEYS = ["train_loss", "val_top1", "ema_val_top1", "lr"]
 
 
 def _row_metrics(*args):
-    sys.path.insert(0, str(REPO))  # pipeline/ is not installed; the stage writes the row metrics this way
-    try:
-        from pipeline.train import row_metrics
-    finally:
-        sys.path.remove(str(REPO))
+    from tlvit.rows import row_metrics  # what the train@<row> stage writes
+
     return row_metrics(*args)
 
 

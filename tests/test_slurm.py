@@ -23,6 +23,7 @@ import torch
 
 from repo_copy import committed_copy, ran_stages, set_preset, sh
 from test_launch import make_tiny_repo
+from tlvit.config import load_params
 from tlvit.launch import records as rec
 from tlvit.launch.launcher import launch_rows
 from tlvit.layout import Layout
@@ -79,15 +80,17 @@ def checkpoint_epoch(path: Path) -> int:
 
 
 def stage_run_row(repo: Path, row: str) -> dict:
-    """What `dvc repro` runs for train@<row> (pipeline.train.run_row of `repo`), in this process; cwd = repo."""
+    """What `dvc repro` runs for train@<row> (`python -m pipeline.train --row <row>` of `repo`), in this process;
+    cwd = repo. Returns the row's metrics file."""
     sys.path.insert(0, str(repo))
     try:
-        from pipeline.train import run_row
+        from pipeline.train import main
 
-        return run_row(row, show_progress=False)
+        main(["--row", row])
     finally:
         sys.path.remove(str(repo))
         sys.modules.pop("pipeline.train", None), sys.modules.pop("pipeline", None)
+    return json.loads(Layout(load_params(repo / "params.yaml")["preset"], repo).row_metrics(row).read_text())
 
 
 def sacct_states(job_id: str, until: str | None = None, timeout: float = 60) -> list[str]:

@@ -7,7 +7,7 @@ import sys
 
 # command name -> module with `add_parser(subparsers)` (which sets `func` via set_defaults)
 COMMANDS = {
-    "scoremaps": "tlvit.labels.cli",
+    "scoremaps": "tlvit.scoremaps_cli",
     "launch": "tlvit.launch.cli",
     "status": "tlvit.launch.cli",
     "sync": "tlvit.launch.cli",

@@ -21,6 +21,7 @@ from tlvit.data.datasets import hash_seed, train_split, val_split
 from tlvit.distributed import DistEnv, barrier, init_distributed
 from tlvit.engine import TrainForward, evaluate, train_one_epoch
 from tlvit.io import atomic_path, save_torch_atomic, write_json
+from tlvit.models import build_model  # noqa: F401  (also tlvit.train.build_model, as before)
 from tlvit.provenance import cluster_tags, git_commit, versions
 from tlvit.samplers import ShardSampler, train_sampler
 from tlvit.supervision import Supervision, needs_score_maps
@@ -58,18 +59,6 @@ def reported_weights(ckpt: dict) -> dict:
     if not ckpt.get("ema"):
         return ckpt["model"]
     return {k.removeprefix("module."): v for k, v in ckpt["ema"].items()}
-
-
-def build_model(cfg: dict, num_classes: int) -> torch.nn.Module:
-    """timm model named by cfg['model'] with the row's constructor overrides."""
-    import timm
-
-    import tlvit.models  # noqa: F401  (registers LV-ViT / DeiT variants)
-
-    kwargs = dict(cfg.get("model_kwargs") or {})
-    kwargs.setdefault("aux_head", cfg["supervision"]["kind"] == "token_labeling")
-    return timm.create_model(cfg["model"], num_classes=num_classes, img_size=cfg["img_size"],
-                             drop_path_rate=cfg["drop_path"], **kwargs)
 
 
 def lr_for(cfg: dict, global_batch: int) -> float:

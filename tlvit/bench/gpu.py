@@ -45,7 +45,8 @@ class PlainLoop:
 
     def __init__(self, cfg: dict, num_classes: int, batch_size: int, device: torch.device, *, amp_dtype, channels_last: bool,
                  seed: int = 0):
-        from tlvit.train import build_model, lr_for
+        from tlvit.models import build_model
+        from tlvit.train import lr_for
 
         torch.manual_seed(seed)
         self.model = build_model(cfg, num_classes).to(device)

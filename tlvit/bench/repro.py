@@ -1,6 +1,6 @@
 """Item 4: wall time of `dvc repro` from a clean state, and of a no-op `dvc repro` (target <= 3 s).
 
-Each preset runs in a fresh committed copy of this checkout (`tests/repo_copy.committed_copy`: the
+Each preset runs in a fresh committed copy of this checkout (`tlvit.bench.repo_copy.committed_copy`: the
 files git sees, no outputs, no DVC cache, MLflow in the copy), so "clean" means every stage runs.
 The no-op is `dvc repro` again right after, repeated; the median counts. `--quick` reproduces only
 the smoke preset's `data` stage (seconds), which checks the code path, not the pipeline's time.
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import datetime as _dt
-import importlib.util
 import os
 import re
 import signal
@@ -27,23 +26,13 @@ import time
 from pathlib import Path
 
 from tlvit.bench.common import SOURCE_ROOT, Bench, Target, cpu_cores, markdown_table, summary
+from tlvit.bench.repo_copy import committed_copy, set_preset
 
 NOOP_TARGET_S = 3.0
 # Clean-run targets per preset and device kind (issue #8: the embedded default <= 30 min on 2 CPU cores;
 # embedded-full, every row of every table with 3 seeds, <= 8 h on 2 CPU cores and <= 1 h on one GPU).
 CLEAN_TARGETS_MIN = {("embedded", "cpu"): 30.0, ("embedded-full", "cpu"): 480.0, ("embedded-full", "gpu"): 60.0}
 STAGE_LINE = re.compile(r"Running stage '([^']+)'")
-
-
-def repo_copy_module():
-    """tests/repo_copy.py of the source checkout (the helper the end-to-end tests use)."""
-    path = SOURCE_ROOT / "tests" / "repo_copy.py"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found; `tlvit bench repro` needs a source checkout of tlvit (pip install -e .)")
-    spec = importlib.util.spec_from_file_location("tlvit_bench_repo_copy", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def timed_repro(repo: Path, env: dict, targets: list[str], timeout: float | None,
@@ -135,7 +124,6 @@ def run(out_dir: str | Path, *, quick: bool = False, presets: tuple[str, ...] = 
 
     from tlvit.tables import set_rows_in_params
 
-    rc = repo_copy_module()
     noop_repeats = noop_repeats or (1 if quick else 5)
     targets = ["data"] if quick else []
     kind = "gpu" if torch.cuda.is_available() else "cpu"  # the stages train on the GPU when there is one
@@ -145,10 +133,10 @@ def run(out_dir: str | Path, *, quick: bool = False, presets: tuple[str, ...] = 
         tmp = Path(tempfile.mkdtemp(prefix=f"tlvit-bench-repro-{preset}-"))
         if all_rows:
             scratch, finetunes = every_table_row(preset)
-            edit = lambda text, p=preset, r=scratch, f=finetunes: set_rows_in_params(rc.set_preset(text, p), r, f)  # noqa: E731
+            edit = lambda text, p=preset, r=scratch, f=finetunes: set_rows_in_params(set_preset(text, p), r, f)  # noqa: E731
         else:
-            edit = lambda text, p=preset: rc.set_preset(text, p)  # noqa: E731
-        repo, env = rc.committed_copy(tmp, edit)
+            edit = lambda text, p=preset: set_preset(text, p)  # noqa: E731
+        repo, env = committed_copy(tmp, edit)
         stage_log = Path(out_dir) / f"repro-{preset}.stages.tsv"
         stage_log.parent.mkdir(parents=True, exist_ok=True)
         stage_log.write_text("stage\tended_utc\twall_s\n")

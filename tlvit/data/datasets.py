@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
-from tlvit.labels.geometry import compose, crop_flip_theta, identity_clips
+from tlvit.labels.geometry import WholeImageGeometry, compose, crop_flip_theta, identity_clips  # noqa: F401  (re-exported)
 from tlvit.labels.score_maps import ScoreMapError, ScoreMapStore
 
 
@@ -113,22 +113,6 @@ class EvalGeometry:
             out = TF.resized_crop(img, round(top), round(left), round(side), round(side), [self.size, self.size],
                                   self.interpolation, antialias=True)
         return out, crop_flip_theta((top, left, side, side), (H, W), False).float(), identity_clips(1).float()
-
-
-@dataclass
-class WholeImageGeometry:
-    """The whole image resized to size x size (aspect not kept): what an annotator sees for a score map.
-
-    theta is the identity, so the map covers exactly the image and every later crop box lands where it
-    should, also for non-square images (the original code centre-crops here: deviation `map_region`).
-    """
-
-    size: int
-    interpolation: InterpolationMode = InterpolationMode.BICUBIC
-
-    def __call__(self, img: Image.Image) -> tuple[Image.Image, torch.Tensor, torch.Tensor]:
-        out = TF.resize(img, [self.size, self.size], self.interpolation, antialias=True)
-        return out, torch.eye(2, 3), identity_clips(1).float()
 
 
 class DenseLabelDataset(Dataset):

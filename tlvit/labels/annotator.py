@@ -16,10 +16,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from tlvit.data.datasets import DenseLabelDataset, WholeImageGeometry
+from tlvit.labels.geometry import WholeImageGeometry
 from tlvit.labels.score_maps import ScoreMapStore, ScoreMapWriter
 
 
@@ -99,7 +99,7 @@ def cell_targets(gt_maps: np.ndarray, grid: tuple[int, int]) -> torch.Tensor:
     return labels
 
 
-def train_annotator(model: nn.Module, train_ds: DenseLabelDataset, *, epochs: int, batch_size: int, lr: float,
+def train_annotator(model: nn.Module, train_ds: Dataset, *, epochs: int, batch_size: int, lr: float,
                     weight_decay: float, seed: int, dense: bool = True, cells: torch.Tensor | None = None,
                     log=print) -> list[dict]:
     """Supervised training (AdamW, cosine, label smoothing 0.1); per-epoch stats.
@@ -162,7 +162,7 @@ def inference_setup(device: str | torch.device | None) -> tuple[torch.device, co
 
 
 @torch.no_grad()
-def image_accuracy(model: nn.Module, ds: DenseLabelDataset, batch_size: int = 256,
+def image_accuracy(model: nn.Module, ds: Dataset, batch_size: int = 256,
                    device: str | torch.device | None = "cpu") -> float:
     """Image-level top-1 (%) of the annotator on a split (device None: a GPU when there is one)."""
     dev, autocast, workers = inference_setup(device)
@@ -176,7 +176,7 @@ def image_accuracy(model: nn.Module, ds: DenseLabelDataset, batch_size: int = 25
 
 
 @torch.no_grad()
-def generate_score_maps(model: nn.Module, ds: DenseLabelDataset, out: str | Path, *, k: int, batch_size: int,
+def generate_score_maps(model: nn.Module, ds: Dataset, out: str | Path, *, k: int, batch_size: int,
                         meta: dict, device: str | torch.device | None = "cpu", chunk: int = 512, shard: int = 0,
                         num_shards: int = 1) -> ScoreMapStore | None:
     """Run the annotator densely over every image of `ds` (whole image, resized) and store top-k.

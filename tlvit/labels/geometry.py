@@ -15,10 +15,12 @@ because the box never leaves this matrix form (tests/test_geometry.py checks bot
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torchvision.transforms import functional as TF
 
 
 def crop_flip_theta(box: tuple[float, float, float, float], image_hw: tuple[int, int], hflip: bool) -> torch.Tensor:
@@ -157,3 +159,20 @@ _EPS = 1e-6
 def _normalise(mass: torch.Tensor, inside: torch.Tensor, num_classes: int) -> torch.Tensor:
     uniform = torch.full_like(mass, 1.0 / num_classes)
     return torch.where(inside > _EPS, mass / inside.clamp_min(_EPS), uniform)
+
+
+@dataclass
+class WholeImageGeometry:
+    """The whole image resized to size x size (aspect not kept): what an annotator sees for a score map.
+
+    theta is the identity, so the map covers exactly the image and every later crop box lands where it
+    should, also for non-square images (the original code centre-crops here: deviation `map_region`).
+    """
+
+    size: int
+    interpolation: str = "bicubic"  # a torchvision InterpolationMode value
+
+    def __call__(self, img):
+        """PIL image -> (resized image, theta [2, 3] = identity, clips [1, 2, 3] = identity)."""
+        out = TF.resize(img, [self.size, self.size], TF.InterpolationMode(self.interpolation), antialias=True)
+        return out, torch.eye(2, 3), identity_clips(1).float()

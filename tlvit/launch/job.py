@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from dataclasses import dataclass
 
 import submitit
@@ -46,9 +45,7 @@ class RowJob(submitit.helpers.Checkpointable):
     def __call__(self) -> dict:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
         old_cwd = os.getcwd()
-        os.chdir(self.workdir)
-        if self.workdir not in sys.path:
-            sys.path.insert(0, self.workdir)  # `pipeline` is the repository's package, not an installed one
+        os.chdir(self.workdir)  # params, rows and the run folders are relative to the repository
         try:
             return self._train()
         finally:
@@ -58,10 +55,10 @@ class RowJob(submitit.helpers.Checkpointable):
         import torch
         import torch.distributed as dist
 
-        from pipeline.train import run_row
         from tlvit.distributed import barrier
         from tlvit.io import write_json
         from tlvit.layout import Layout
+        from tlvit.rows import run_row
 
         if self.num_threads:
             torch.set_num_threads(self.num_threads)
@@ -69,7 +66,7 @@ class RowJob(submitit.helpers.Checkpointable):
         log.info("row %s: rank %d of %d, %d threads, job %s", self.row, rank, world, torch.get_num_threads(),
                  os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID") or "in-process")
         try:
-            metrics = run_row(self.row, self.params_path, self.rows_path, show_progress=False, wait_for_launch=False)
+            metrics = run_row(self.row, self.params_path, self.rows_path, show_progress=False)
             if world > 1:
                 # every rank wrote the row's metrics; rank 0's are the ones that hold the MLflow run ids
                 barrier()

@@ -17,7 +17,7 @@ from pathlib import Path
 from tlvit.config import ConfigError, config_hash, load_params, pipeline_rows, resolve_run_config
 from tlvit.launch.executor import LauncherConfig, check_shared, load_launcher_config, make_executor
 from tlvit.launch.job import RowJob
-from tlvit.launch.records import LaunchRecord, poll, read_record, write_record
+from tlvit.launch.records import LaunchError, LaunchRecord, poll, read_record, wait, write_record
 from tlvit.layout import Layout
 
 log = logging.getLogger(__name__)
@@ -127,3 +127,47 @@ def plan_launch(params: dict, rows: list[str], workdir: str | Path, rows_path: s
                                   f"cancel it (scancel {record.job_id}) before launching the new one")
         submit.append(row)
     return submit, skipped
+
+
+# ---------------------------------------------------------------------------- the train@<row> stage
+def await_launched_row(row: str, config_hash: str, params: dict, params_path: str | Path = "params.yaml",
+                       rows_path: str | Path = "experiments/rows.yaml", root: str | Path = ".") -> str:
+    """Before the DVC stage trains `row`: wait for a job `tlvit launch` submitted for it.
+
+    Returns 'none' (no job for this config), 'done' (its checkpoints are complete: training just
+    collects them) or 'failed' (say so; the caller trains the row here). A job still running an older
+    config raises LaunchError. With `launcher.kind: slurm` a failed job is resubmitted once and waited
+    for; a second failure raises, so a failed row is never recorded as done.
+    """
+    from tlvit.provenance import git_commit
+
+    layout = Layout(params["preset"], Path(root))
+    record = read_record(layout, row)
+    if record is None:
+        return "none"
+    if record.config_hash != config_hash:
+        status = poll(record)
+        if status.active:
+            raise LaunchError(f"row {row!r}: {record.kind} job {record.job_id} is still {status.state} with an older "
+                              f"config ({record.config_hash}, now {config_hash}) in {layout.run_dir(row, 0).parent}; "
+                              f"cancel it (scancel {record.job_id}) or let it end, then run again")
+        return "none"
+    status = wait(record)
+    if status.phase == "done":
+        commit = git_commit(root)
+        if record.git_commit != commit:
+            print(f"train@{row}: note: job {record.job_id} ran at commit {record.git_commit}, the repository is at {commit}",
+                  flush=True)
+        print(f"train@{row}: job {record.job_id} completed; collecting its results", flush=True)
+        return "done"
+    print(f"train@{row}: {record.kind} job {record.job_id} ended {status.state}:\n{status.detail}", flush=True)
+    launcher = load_launcher_config(load_params(params_path), params_path=params_path)
+    if launcher.kind != "slurm":
+        print(f"train@{row}: training it here instead (launcher.kind: {launcher.kind})", flush=True)
+        return "failed"
+    (record,) = launch_rows([row], params_path=params_path, rows_path=rows_path, workdir=root, launcher=launcher)
+    print(f"train@{row}: resubmitted as job {record.job_id}", flush=True)
+    status = wait(record)
+    if status.phase != "done":
+        raise LaunchError(f"row {row!r}: resubmitted job {record.job_id} ended {status.state} too:\n{status.detail}")
+    return "done"

@@ -1,9 +1,10 @@
 """Model zoo: importing this package registers every tlvit model with timm (see docs/models.md)."""
 from . import annotator_cnn, deit, lvvit  # noqa: F401  (imported for their @register_model side effects)
+from .build import build_model
 from .lvvit import LvViT, TrainOutput, checkpoint_filter_fn, load_checkpoint_resized
 from .mix_token import mix_tokens, sample_token_box, unmix_tokens
 
 __all__ = [
-    "LvViT", "TrainOutput", "checkpoint_filter_fn", "load_checkpoint_resized",
+    "build_model", "LvViT", "TrainOutput", "checkpoint_filter_fn", "load_checkpoint_resized",
     "mix_tokens", "sample_token_box", "unmix_tokens",
 ]

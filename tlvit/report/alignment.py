@@ -35,7 +35,7 @@ def load_trained(results: Results, row: str) -> Trained | None:
     """The first seed's checkpoint of a finished DeiT row, built for the preset's classes (eval mode)."""
     import torch
 
-    from tlvit.train import build_model
+    from tlvit.models import build_model
 
     res = results.get(row)
     if not res.done or not res.runs:

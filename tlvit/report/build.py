@@ -151,7 +151,7 @@ def data_note(results: Results) -> str:
 def _token_grid(cfg: dict, num_classes: int) -> tuple[int, int] | None:
     import torch
 
-    from tlvit.train import build_model
+    from tlvit.models import build_model
 
     try:
         with torch.device("meta"):

@@ -133,7 +133,7 @@ def _count_params(cfg: dict | None, num_classes: int) -> float | None:
         return None
     import torch
 
-    from tlvit.train import build_model
+    from tlvit.models import build_model
 
     try:
         with torch.device("meta"):
