@@ -114,8 +114,8 @@ def test_local_kinds_use_submitit_local_or_run_in_process(tmp_path):
 def test_launcher_section_is_checked():
     base = {"presets": {}}
     assert load_launcher_config(base).kind == "local"  # no section: defaults
-    cfg = load_launcher_config(load_params(REPO / "params.yaml"), kind="slurm", folder="/shared/x")  # the repo's section parses
-    assert (cfg.kind, cfg.folder) == ("slurm", "/shared/x")
+    cfg = load_launcher_config(load_params(REPO / "params.yaml"), kind="slurm", folder="/cluster/x")  # the repo's section parses
+    assert (cfg.kind, cfg.folder) == ("slurm", "/cluster/x")
     cfg = load_launcher_config({"launcher": {"folder": "sub", "slurm": {"nodes": 2, "mem_gb": None, "partition": None}}})
     assert cfg.slurm.nodes == 2 and cfg.folder_path("/repo") == Path("/repo/sub")
     with pytest.raises(ConfigError, match="unknown launcher.slurm key.*gpus"):

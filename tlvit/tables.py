@@ -4,7 +4,7 @@ A table lists paper rows; each names a training row of `experiments/rows.yaml`. 
 several tables (a configuration trains once), and two row ids that resolve to the same config under a
 preset are one training run: `all_rows` lists each config hash once, parents (`init_from`) first.
 
-Table file fields: title, source {paper, table, file}, metric, compare (first | previous | none: the default
+Table file fields: title, source {paper (a key of CITATIONS), table}, metric, compare (first | previous | none: the default
 reference of each row's claimed difference), rows [{row, label, paper, params_m?, paper_top5?, vs?, series?}],
 claims [{row, vs, note?}] (extra claimed differences).
 """
@@ -17,6 +17,11 @@ from pathlib import Path
 from tlvit.config import ConfigError, config_hash, load_rows, read_yaml, resolve_run_config
 
 PAPERS = {"lvvit": "LV-ViT", "tlalign": "TL-Align"}
+CITATIONS = {  # how reports cite the papers: title, venue, arXiv id
+    "lvvit": "Jiang et al., *All Tokens Matter: Token Labeling for Training Better Vision Transformers*, NeurIPS 2021, "
+             "arXiv:2104.10858",
+    "tlalign": "Xiao et al., *Token-Label Alignment for Vision Transformers*, ICCV 2023, arXiv:2210.06455",
+}
 COMPARE = ("first", "previous", "none")
 TABLES_DIR = Path("experiments/tables")
 

@@ -8,7 +8,7 @@ import pandas as pd
 
 from tlvit.report.results import DONE, PENDING, STALE, Results
 from tlvit.report.stats import ci95, diff_ci95, verdict
-from tlvit.tables import Table
+from tlvit.tables import CITATIONS, Table
 
 
 def _mean(values: list[float] | None) -> float | None:
@@ -114,7 +114,7 @@ def render_markdown(table: Table, df: pd.DataFrame, preset: str, claims: pd.Data
         shown["Paper top-5"] = df["Paper top-5"].map(_fmt)
         shown["Reproduced top-5"] = [PENDING if s != DONE else _fmt(v) for v, s in zip(df["Reproduced top-5"], df["Status"])]
     src = table.source
-    head = (f"## {table.caption}\n\nSource: {src.get('file', src['paper'])}, Table {src['table']}. "
+    head = (f"## {table.caption}\n\nSource: {CITATIONS.get(src['paper'], src['paper'])}, Table {src['table']}. "
             f"Preset: `{preset}` (paper values are ImageNet top-1; reproduced values are on this preset's data, "
             "so compare the Δ columns). Δ is relative to the first row. Params: counted from the model as built "
             "for this preset (incl. the token-labeling aux head where the row has one).\n\n")
