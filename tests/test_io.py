@@ -17,3 +17,16 @@ def test_the_same_weights_give_the_same_file(tmp_path):
     state["weight"] += 1
     save_torch_atomic(state, second)
     assert first.read_bytes() != second.read_bytes()
+
+
+def test_atomic_writes_get_the_mode_a_plain_write_gets(tmp_path):
+    import os
+    import stat
+
+    from tlvit.io import atomic_path
+
+    with atomic_path(tmp_path / "atomic.json") as tmp:
+        tmp.write_text("{}")
+    (tmp_path / "plain.json").write_text("{}")
+    mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
+    assert mode(tmp_path / "atomic.json") == mode(tmp_path / "plain.json") != 0o600

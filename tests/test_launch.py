@@ -391,6 +391,22 @@ def test_sync_creates_a_run_that_never_reached_the_server(tmp_path):
     assert (again.created, again.metrics_sent, again.closed, again.error) == (False, 0, False, None)
 
 
+def test_credentials_in_the_tracking_uri_reach_no_file_and_no_log(tmp_path, caplog):
+    from tlvit.tracking import Tracker, sync_run_dir
+
+    uri = f"http://alice:s3cret@127.0.0.1:{_free_port()}"  # nobody answers: the tracker buffers and warns
+    run = tmp_path / "run"
+    with caplog.at_level(logging.WARNING):
+        t = Tracker(run, "e", "r-s0", {"lr": 1e-3}, {"row": "a"}, uri=uri)
+        t.log_metrics({"val_top1": 1.0}, step=1)
+        t.finish()
+        res = sync_run_dir(run, uri=uri)
+    assert res.error and "s3cret" not in res.error
+    assert "s3cret" not in caplog.text and "127.0.0.1" in caplog.text
+    for f in run.iterdir():
+        assert "s3cret" not in f.read_text(), f.name
+
+
 # ---------------------------------------------------------------------------- submitit's local executor, for real
 @pytest.mark.e2e
 def test_row_through_submitit_local_then_collected_without_retraining(tmp_path, monkeypatch):

@@ -210,3 +210,19 @@ def test_val_split_with_other_class_folders_is_refused(tmp_path):
     (root / "val" / "b").mkdir()
     Image.new("RGB", (8, 8)).save(root / "val" / "b" / "0.png")
     assert val_split(cfg, root, "imagefolder", classes=train_classes).classes == train_classes
+
+
+def test_a_directory_that_is_not_a_store_is_never_replaced(tmp_path):
+    """`tlvit scoremaps --out DIR` on a user's directory: one clear error, the directory untouched."""
+    mine = tmp_path / "my_results"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(ScoreMapError, match="my_results: exists and is not a score-map store"):
+        write_store(mine, ["a.png", "b.png"])
+    assert (mine / "notes.txt").read_text() == "keep me"
+    # an older store of ours, and an empty directory, are replaced
+    old = write_store(tmp_path / "store", ["a.png", "b.png"])
+    assert old.index["paths"] == ["a.png", "b.png"]
+    assert write_store(tmp_path / "store", ["c.png", "d.png"]).index["paths"] == ["c.png", "d.png"]
+    (tmp_path / "empty").mkdir()
+    assert len(write_store(tmp_path / "empty", ["a.png"])) == 1

@@ -17,6 +17,7 @@ import logging
 import os
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -62,7 +63,8 @@ def prepare_store(uri: str) -> None:
     try:
         MlflowClient(uri).search_experiments(max_results=1)
     except Exception as e:  # the jobs will buffer; say why now
-        log.warning("MLflow store %s cannot be opened (%s: %s); jobs will buffer their metrics", uri, type(e).__name__, e)
+        log.warning("MLflow store %s cannot be opened (%s: %s); jobs will buffer their metrics", display_uri(uri),
+                    type(e).__name__, _redact(str(e), uri))
 
 
 def server_reachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
@@ -103,7 +105,7 @@ class Tracker:
     def _connect(self) -> bool:
         try:
             if not server_reachable(self.uri):
-                raise ConnectionError(f"no answer from {self.uri}/health within {PROBE_TIMEOUT_S:.0f} s")
+                raise ConnectionError(f"no answer from {display_uri(self.uri)}/health within {PROBE_TIMEOUT_S:.0f} s")
             import mlflow
             from mlflow.tracking import MlflowClient
 
@@ -123,16 +125,18 @@ class Tracker:
                 self.set_tags(self.tags)
             _replay(self.client, self.run_id, self.buffer)
             if self._warned:
-                log.warning("MLflow at %s reachable again; buffered metrics sent", self.uri)
+                log.warning("MLflow at %s reachable again; buffered metrics sent", display_uri(self.uri))
             self._warned = False
             return True
         except Exception as e:  # unreachable server, locked db, ...: keep training, buffer locally
             if not self._warned:
-                log.warning("MLflow at %s unreachable (%s); buffering metrics in %s", self.uri, e, self.buffer)
+                log.warning("MLflow at %s unreachable (%s); buffering metrics in %s", display_uri(self.uri),
+                            _redact(str(e), self.uri), self.buffer)
             self._warned = True
             self.client = None
             if self.run_id is None:  # keep what creating the run needs, for `tlvit sync`
-                _write_json(self.pending, {"uri": self.uri, "experiment": self.experiment, "run_name": self.run_name,
+                # the URI without user:password: secrets never reach a file (sync takes them from the environment)
+                _write_json(self.pending, {"uri": display_uri(self.uri), "experiment": self.experiment, "run_name": self.run_name,
                                            "params": self.params, "tags": self.tags})
             return False
 
@@ -146,7 +150,8 @@ class Tracker:
                 self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
                 return
             except Exception as e:
-                log.warning("MLflow at %s unreachable (log failed: %s); buffering metrics in %s", self.uri, e, self.buffer)
+                log.warning("MLflow at %s unreachable (log failed: %s); buffering metrics in %s", display_uri(self.uri),
+                            _redact(str(e), self.uri), self.buffer)
                 self._warned = True
                 self.client = None
         with open(self.buffer, "a") as f:
@@ -239,7 +244,7 @@ def sync_run_dir(run_dir: str | Path, uri: str | None = None) -> SyncResult:
     if run_id is None and not info:
         return res  # never tracked (tracking off, or not rank 0)
     if not server_reachable(uri):
-        res.error = f"{uri} unreachable"
+        res.error = f"{display_uri(uri)} unreachable"
         return res
     try:
         client = MlflowClient(uri)
@@ -309,6 +314,11 @@ class StoreUnreachable(TrackingReadError):
 
 class RunNotFound(TrackingReadError):
     """The store answered but has no such run."""
+
+
+def _redact(text: str, uri: str) -> str:
+    """`text` (e.g. an exception message quoting the URI) with the URI's user:password removed."""
+    return text.replace(uri, display_uri(uri)) if urllib.parse.urlsplit(uri).password else text
 
 
 def display_uri(uri: str, root: str | Path | None = None) -> str:

@@ -46,7 +46,7 @@ def load_parent_weights(model: torch.nn.Module, cfg: dict, path: Path | None) ->
     if path is None or not Path(path).is_file():
         raise FileNotFoundError(f"row {cfg.get('row')!r} fine-tunes row {parent!r}, whose checkpoint {path} does not exist: "
                                 f"run `dvc repro train@{parent}` first")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if ckpt["config_hash"] != cfg["init_from_hash"] or ckpt["epoch"] != scheduled_epochs(ckpt["config"]):
         raise ValueError(f"{path}: not the finished run of row {parent!r} under this config (hash {ckpt['config_hash']}, "
                          f"epoch {ckpt['epoch']}/{scheduled_epochs(ckpt['config'])}); run `dvc repro train@{parent}` first")
@@ -217,7 +217,7 @@ def train(cfg: dict, seed: int, run_dir: str | Path, inputs: RunInputs, *, devic
     ckpt_path = run_dir / "checkpoint.pt"
     start_epoch, history, time_before = 0, [], 0.0  # time_before: training time of earlier (killed) attempts
     if ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location=dev, weights_only=False)
+        ckpt = torch.load(ckpt_path, map_location=dev, weights_only=True)
         if ckpt["config_hash"] == chash and ckpt["seed"] == seed:
             state.load_state_dict(ckpt)
             start_epoch, history = ckpt["epoch"], ckpt["history"]

@@ -125,6 +125,7 @@ class ScoreMapWriter:
         self.num_chunks = (num_images + chunk - 1) // chunk
         shape = (num_images, k, *grid)
         self.meta = {**meta, "num_classes": num_classes, "k": k, "grid": list(grid), "num_images": num_images, "chunk": chunk}
+        _check_replaceable(self.root)  # before any work: what is at `root` now is replaced when the store is done
         self.partial.parent.mkdir(parents=True, exist_ok=True)
         with _locked(self.partial.with_name(self.partial.name + ".lock")):
             meta_path = self.partial / "meta.json"
@@ -177,11 +178,19 @@ class ScoreMapWriter:
             (self.partial / "meta.json").unlink(missing_ok=True)
             shutil.rmtree(self.partial / "done")
             if self.root.exists():
-                shutil.rmtree(self.root)
+                _check_replaceable(self.root)
+                shutil.rmtree(self.root)  # an older store of ours
             os.replace(self.partial, self.root)
             # a shard still waiting holds its own handle to the lock; a later one sees the published store
             self.partial.with_name(self.partial.name + ".lock").unlink(missing_ok=True)
             return ScoreMapStore(self.root)
+
+
+def _check_replaceable(root: Path) -> None:
+    """A store may replace an older store (it has an index) or an empty directory, never anything else."""
+    if root.is_file() or (root.is_dir() and not (root / INDEX).is_file() and any(root.iterdir())):
+        raise ScoreMapError(f"{root}: exists and is not a score-map store (no {INDEX}); refusing to replace it: "
+                            "choose another output directory, or move it away yourself")
 
 
 @contextlib.contextmanager

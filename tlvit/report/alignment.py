@@ -44,7 +44,7 @@ def load_trained(results: Results, row: str) -> Trained | None:
     path = results.layout.run_dir(res.source_row or row, seed) / "checkpoint.pt"
     if not path.is_file():
         return None
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     cfg = ckpt["config"]
     if not str(cfg.get("model", "")).startswith(("deit", "tlvit_deit")):
         return None
