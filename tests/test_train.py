@@ -131,3 +131,29 @@ def test_fine_tune_starts_from_the_finished_parent_at_a_new_resolution(tiny_data
     assert res["complete"]
     with pytest.raises(ValueError, match="not the finished run"):
         load_parent_weights(model, dict(child, init_from_hash="0" * 12), ckpt)
+
+
+@pytest.mark.parametrize("error,status", [(RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED")])
+def test_a_run_that_dies_is_not_left_running_in_mlflow(tiny_data, tmp_path, monkeypatch, error, status):
+    from mlflow.tracking import MlflowClient
+
+    import tlvit.train as train_mod
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    real, calls = train_mod.train_one_epoch, []
+
+    def dies_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_one_epoch", dies_in_epoch_2)
+    with pytest.raises(type(error)):
+        train(tiny_cfg("ce", epochs=3), 0, tmp_path / "run", tiny_data, show_progress=False)
+    run_id = (tmp_path / "run" / "mlflow_run_id").read_text().strip()
+    assert MlflowClient(uri).get_run(run_id).info.status == status
+    monkeypatch.setattr(train_mod, "train_one_epoch", real)  # resumed: the same run, RUNNING, then FINISHED
+    result = train(tiny_cfg("ce", epochs=3), 0, tmp_path / "run", tiny_data, show_progress=False)
+    assert result["mlflow_run_id"] == run_id and MlflowClient(uri).get_run(run_id).info.status == "FINISHED"

@@ -6,9 +6,13 @@ uninterrupted one on CPU.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -239,32 +243,33 @@ def train(cfg: dict, seed: int, run_dir: str | Path, inputs: RunInputs, *, devic
     # ---------------------------------------------------------------- epochs
     t_start, trained_s = time.time(), time_before
     end_epoch = num_epochs if stop_after_epochs is None else min(num_epochs, stop_after_epochs)
-    for epoch in range(start_epoch, end_epoch):
-        torch.manual_seed(hash_seed(seed, epoch, env.rank))  # drop-path; augmentation is seeded per sample
-        train_ds.set_epoch(seed, epoch)
-        sampler.set_epoch(epoch)
-        loader_gen = torch.Generator().manual_seed(hash_seed(seed, epoch, env.rank))  # worker seeds
-        loader = DataLoader(train_ds, batch_size=batch, sampler=sampler, num_workers=cfg["workers"],
-                            generator=loader_gen, drop_last=True, pin_memory=dev.type == "cuda")
-        mix_gen = torch.Generator().manual_seed(hash_seed(seed, epoch))  # same mixing draw on every rank
-        stats = train_one_epoch(state.net, model, loader, state.supervision, state.optimizer, state.scheduler, epoch, dev,
-                                generator=mix_gen, last_checkpoint=str(ckpt_path) if epoch else "none",
-                                show_progress=show_progress and env.is_main, **state.step_kwargs())
-        if (epoch + 1) % cfg.get("eval_every", 1) == 0 or epoch + 1 == num_epochs:
-            val_loader = DataLoader(val_ds, batch_size=256, sampler=ShardSampler(len(val_ds), env), num_workers=cfg["workers"])
-            stats.update({f"val_{k}": v for k, v in evaluate(model, val_loader, dev, modes, state.amp_dtype).items()})
-            if state.ema is not None:
-                stats.update({f"ema_val_{k}": v for k, v in evaluate(state.ema.module, val_loader, dev, modes,
-                                                                      state.amp_dtype).items()})
-        stats["epoch"] = epoch + 1
-        history.append(stats)
-        trained_s = time_before + time.time() - t_start
-        tracker.log_metrics({k: v for k, v in stats.items() if k != "epoch"}, step=epoch + 1)
-        if env.is_main:
-            save_torch_atomic({**state.state_dict(), "epoch": epoch + 1, "history": history, "config_hash": chash,
-                               "seed": seed, "config": cfg, "train_time_s": trained_s}, ckpt_path)
-        barrier()
-        log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()})
+    with _closed_on_failure(tracker):  # a run that dies is FAILED or KILLED in MLflow, not left RUNNING
+        for epoch in range(start_epoch, end_epoch):
+            torch.manual_seed(hash_seed(seed, epoch, env.rank))  # drop-path; augmentation is seeded per sample
+            train_ds.set_epoch(seed, epoch)
+            sampler.set_epoch(epoch)
+            loader_gen = torch.Generator().manual_seed(hash_seed(seed, epoch, env.rank))  # worker seeds
+            loader = DataLoader(train_ds, batch_size=batch, sampler=sampler, num_workers=cfg["workers"],
+                                generator=loader_gen, drop_last=True, pin_memory=dev.type == "cuda")
+            mix_gen = torch.Generator().manual_seed(hash_seed(seed, epoch))  # same mixing draw on every rank
+            stats = train_one_epoch(state.net, model, loader, state.supervision, state.optimizer, state.scheduler, epoch, dev,
+                                    generator=mix_gen, last_checkpoint=str(ckpt_path) if epoch else "none",
+                                    show_progress=show_progress and env.is_main, **state.step_kwargs())
+            if (epoch + 1) % cfg.get("eval_every", 1) == 0 or epoch + 1 == num_epochs:
+                val_loader = DataLoader(val_ds, batch_size=256, sampler=ShardSampler(len(val_ds), env), num_workers=cfg["workers"])
+                stats.update({f"val_{k}": v for k, v in evaluate(model, val_loader, dev, modes, state.amp_dtype).items()})
+                if state.ema is not None:
+                    stats.update({f"ema_val_{k}": v for k, v in evaluate(state.ema.module, val_loader, dev, modes,
+                                                                          state.amp_dtype).items()})
+            stats["epoch"] = epoch + 1
+            history.append(stats)
+            trained_s = time_before + time.time() - t_start
+            tracker.log_metrics({k: v for k, v in stats.items() if k != "epoch"}, step=epoch + 1)
+            if env.is_main:
+                save_torch_atomic({**state.state_dict(), "epoch": epoch + 1, "history": history, "config_hash": chash,
+                                   "seed": seed, "config": cfg, "train_time_s": trained_s}, ckpt_path)
+            barrier()
+            log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()})
 
     done = len(history) == num_epochs
     last = history[-1] if history else {}
@@ -286,6 +291,30 @@ def train(cfg: dict, seed: int, run_dir: str | Path, inputs: RunInputs, *, devic
     if done:
         tracker.finish("FINISHED")
     return result
+
+
+@contextlib.contextmanager
+def _closed_on_failure(tracker) -> Iterator[None]:
+    """FAILED on an error (NaN loss, exception), KILLED on Ctrl-C or SIGTERM (when nobody else, e.g. submitit,
+    handles SIGTERM); a resumed run is RUNNING again (`tlvit.tracking.Tracker`)."""
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    own_handler = (threading.current_thread() is threading.main_thread()
+                   and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)
+    if own_handler:
+        signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):
+        tracker.finish("KILLED")
+        raise
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    finally:
+        if own_handler:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _write_history(path: Path, history: list[dict]) -> None:
