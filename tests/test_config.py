@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tlvit.config import ConfigError, config_hash, load_params, resolve_run_config
 
@@ -174,3 +175,20 @@ def test_dvc_orders_a_finetune_after_its_parent(tmp_path):
     assert '"train@lvvit_s_token_labeling" -> "finetune@lvvit_s_token_labeling_384"' in dot
     status = sh([sys.executable, "-m", "dvc", "status", "--json", "finetune@lvvit_s_token_labeling_384"], repo, env).stdout
     assert "finetune@lvvit_s_token_labeling_384" in json.loads(status[status.index("{"):])
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"lr": "1e-3"}, r"lr is a string \('1e-3'\); the recipe's value is a number \(0.001\) \(YAML reads 1e-3 as a string: write 1.0e-3\)"),
+    ({"epochs": 2.5}, r"epochs must be a whole number \(the recipe has 30\), not 2.5"),
+    ({"augment.mix_token": "yes"}, r"augment.mix_token is a string \('yes'\); the recipe's value is a boolean"),
+    ({"crop_scale": 0.5}, r"crop_scale is a number \(0.5\); the recipe's value is a list"),
+])
+def test_override_types_are_checked_when_the_config_is_resolved(tmp_path, overrides, message):
+    rows = tmp_path / "rows.yaml"
+    rows.write_text(yaml.safe_dump({"r": {"overrides": overrides}}))
+    with pytest.raises(ConfigError, match=message) as e:
+        resolve_run_config(load_params(REPO / "params.yaml"), "r", preset="embedded", rows_path=rows)
+    assert str(e.value).startswith(f"{rows} row 'r': ")  # the file and the row, then the key and the fix
+    ok = {"lr": 1.0e-3, "epochs": 2.0, "augment.mix_token": True, "crop_scale": [0.5, 1.0]}[next(iter(overrides))]
+    rows.write_text(yaml.safe_dump({"r": {"overrides": {next(iter(overrides)): ok}}}))
+    resolve_run_config(load_params(REPO / "params.yaml"), "r", preset="embedded", rows_path=rows)

@@ -54,8 +54,40 @@ def load_rows(path: str | Path = "experiments/rows.yaml") -> dict:
     return rows
 
 
+def _type_name(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {str: "a string", list: "a list", dict: "a mapping"}.get(type(value), type(value).__name__)
+
+
+def check_type(dotted: str, value: Any, default: Any, *, where: str) -> None:
+    """`value` must be of the kind of the recipe's `default` (None: anything), named in the error with the fix.
+
+    YAML reads `1e-3` (no dot) as a string, which DVC compares as a number: training would die later on a
+    raw TypeError, so it fails here, naming the file and the key.
+    """
+    if default is None or value is None or _type_name(value) == _type_name(default):
+        if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float) and not value.is_integer():
+            raise ConfigError(f"{where}: {dotted} must be a whole number (the recipe has {default!r}), not {value!r}")
+        return
+    hint = " (YAML reads 1e-3 as a string: write 1.0e-3)" if isinstance(value, str) and _looks_numeric(value) else ""
+    raise ConfigError(f"{where}: {dotted} is {_type_name(value)} ({value!r}); the recipe's value is "
+                      f"{_type_name(default)} ({default!r}){hint}")
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
 def set_dotted(cfg: dict, dotted: str, value: Any, *, where: str) -> None:
-    """cfg['a']['b'] = value for dotted='a.b'; the key must already exist (typos fail loudly)."""
+    """cfg['a']['b'] = value for dotted='a.b'; the key must already exist (typos fail loudly) and `value` be of
+    the kind of the value it replaces (`check_type`)."""
     node = cfg
     parts = dotted.split(".")
     for i, part in enumerate(parts):
@@ -67,6 +99,7 @@ def set_dotted(cfg: dict, dotted: str, value: Any, *, where: str) -> None:
             raise ConfigError(f"{where}: unknown config key {dotted!r} (no {part!r}; known here: {known})")
         if i < len(parts) - 1:
             node = node[part]
+    check_type(dotted, value, node.get(parts[-1]), where=where)
     node[parts[-1]] = value
 
 
