@@ -157,3 +157,22 @@ def test_a_run_that_dies_is_not_left_running_in_mlflow(tiny_data, tmp_path, monk
     monkeypatch.setattr(train_mod, "train_one_epoch", real)  # resumed: the same run, RUNNING, then FINISHED
     result = train(tiny_cfg("ce", epochs=3), 0, tmp_path / "run", tiny_data, show_progress=False)
     assert result["mlflow_run_id"] == run_id and MlflowClient(uri).get_run(run_id).info.status == "FINISHED"
+
+
+def test_a_changed_config_trains_into_a_new_mlflow_run(tiny_data, tmp_path, monkeypatch):
+    """Editing a row and re-training must not log into the old run: a new run, the old one tagged superseded."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    first = train(tiny_cfg("ce", epochs=2), 0, tmp_path / "run", tiny_data, show_progress=False)
+    cfg = tiny_cfg("ce", epochs=2)
+    cfg["label_smoothing"] = 0.0
+    second = train(cfg, 0, tmp_path / "run", tiny_data, show_progress=False)
+    assert second["mlflow_run_id"] != first["mlflow_run_id"]
+    client = MlflowClient(uri)
+    old, new = client.get_run(first["mlflow_run_id"]), client.get_run(second["mlflow_run_id"])
+    assert old.data.params["label_smoothing"] == "0.1" and new.data.params["label_smoothing"] == "0.0"
+    assert old.data.tags["config_hash"] == first["config_hash"] != new.data.tags["config_hash"]
+    assert old.data.tags["superseded_by"] == new.info.run_id and new.data.tags["supersedes"] == old.info.run_id
+    assert [m.step for m in client.get_metric_history(old.info.run_id, "val_top1")] == [1, 2]  # one training only

@@ -84,7 +84,7 @@ class Tracker:
     """One MLflow run: params once, metrics per step, tags; buffered when the store is unreachable."""
 
     def __init__(self, run_dir: str | Path, experiment: str, run_name: str, params: dict, tags: dict,
-                 uri: str | None = None):
+                 uri: str | None = None, supersedes: str | None = None):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.id_file = self.run_dir / ID_FILE
@@ -97,6 +97,7 @@ class Tracker:
         self.experiment, self.run_name = experiment, run_name
         self.params, self.tags = flatten(params), {k: str(v) for k, v in tags.items()}
         self.run_id: str | None = self.id_file.read_text().strip() if self.id_file.is_file() else None
+        self.supersedes = supersedes  # the MLflow run of this folder's previous config (`supersede_run`)
         self.client = None
         self._warned = False
         self._connect()
@@ -120,6 +121,9 @@ class Tracker:
                 for i in range(0, len(items), 100):  # MLflow takes at most 100 params per call
                     self.client.log_batch(self.run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in items[i : i + 100]])
                 self.pending.unlink(missing_ok=True)
+                if self.supersedes:  # the old run stays as it was, and says which run replaced it
+                    self.client.set_tag(self.supersedes, "superseded_by", self.run_id)
+                    self.client.set_tag(self.run_id, "supersedes", self.supersedes)
             else:
                 self.client.update_run(self.run_id, status="RUNNING")
                 self.set_tags(self.tags)
@@ -186,7 +190,18 @@ class NullTracker:
     def finish(self, status: str = "FINISHED") -> None: ...
 
 
-def open_tracker(run_dir, experiment, run_name, params, tags, enabled: bool = True):
+def supersede_run(run_dir: str | Path, old_config_hash: str) -> str | None:
+    """The run folder's config changed: set its MLflow run id (and unsent metrics) aside, so the next Tracker
+    creates a new run instead of logging a second training into the old one. Returns the old run id."""
+    run_dir = Path(run_dir)
+    old = (run_dir / ID_FILE).read_text().strip() if (run_dir / ID_FILE).is_file() else None
+    for name in (ID_FILE, BUFFER_FILE, PENDING_FILE):
+        if (run_dir / name).exists():
+            os.replace(run_dir / name, run_dir / f"{name}.{old_config_hash}.superseded")
+    return old
+
+
+def open_tracker(run_dir, experiment, run_name, params, tags, enabled: bool = True, supersedes: str | None = None):
     """A Tracker, or a NullTracker where tracking is off or mlflow is not installed."""
     if not enabled:
         return NullTracker()
@@ -195,7 +210,7 @@ def open_tracker(run_dir, experiment, run_name, params, tags, enabled: bool = Tr
     except ImportError:
         log.warning("mlflow is not installed: tracking off")
         return NullTracker()
-    return Tracker(run_dir, experiment, run_name, params, tags)
+    return Tracker(run_dir, experiment, run_name, params, tags, supersedes=supersedes)
 
 
 # ---------------------------------------------------------------------------- offline buffer

@@ -188,7 +188,7 @@ def train(cfg: dict, seed: int, run_dir: str | Path, inputs: RunInputs, *, devic
     """
     from timm.utils import ModelEmaV3
 
-    from tlvit.tracking import open_tracker
+    from tlvit.tracking import open_tracker, supersede_run
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -220,6 +220,7 @@ def train(cfg: dict, seed: int, run_dir: str | Path, inputs: RunInputs, *, devic
     # ---------------------------------------------------------------- resume
     ckpt_path = run_dir / "checkpoint.pt"
     start_epoch, history, time_before = 0, [], 0.0  # time_before: training time of earlier (killed) attempts
+    superseded = None  # the MLflow run of an older config of this folder
     if ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location=dev, weights_only=True)
         if ckpt["config_hash"] == chash and ckpt["seed"] == seed:
@@ -229,6 +230,8 @@ def train(cfg: dict, seed: int, run_dir: str | Path, inputs: RunInputs, *, devic
             log.info("resuming %s from epoch %d", run_dir, start_epoch)
         else:  # a different config left this: keep it aside rather than resume into the wrong run
             ckpt_path.rename(run_dir / f"checkpoint.{ckpt['config_hash']}.stale.pt")
+            if env.is_main:  # and its MLflow run: this training gets a new one
+                superseded = supersede_run(run_dir, ckpt["config_hash"])
     if start_epoch == 0 and cfg.get("init_from"):
         load_parent_weights(model, cfg, inputs.init_checkpoint)
         if state.ema is not None:
@@ -238,7 +241,7 @@ def train(cfg: dict, seed: int, run_dir: str | Path, inputs: RunInputs, *, devic
                 "git_commit": git_commit(), **versions(), **cluster_tags(), **(tags or {})}
     tracker = open_tracker(run_dir, experiment or f"tlvit-{cfg.get('preset')}", f"{cfg.get('row')}-s{seed}",
                            {**cfg, "seed": seed, "lr_effective": lr, "global_batch": global_batch}, run_tags,
-                           enabled=tracking and env.is_main)
+                           enabled=tracking and env.is_main, supersedes=superseded)
 
     # ---------------------------------------------------------------- epochs
     t_start, trained_s = time.time(), time_before
