@@ -391,6 +391,21 @@ def test_sync_creates_a_run_that_never_reached_the_server(tmp_path):
     assert (again.created, again.metrics_sent, again.closed, again.error) == (False, 0, False, None)
 
 
+def test_sync_records_the_created_run_id_where_the_report_reads_it(tmp_path):
+    from tlvit.launch.cli import record_run_id
+
+    run = tmp_path / "runs" / "tiny" / "a" / "seed1"
+    run.mkdir(parents=True)
+    (run / "result.json").write_text(json.dumps({"complete": True, "mlflow_run_id": None}))
+    metrics = tmp_path / "metrics" / "tiny" / "rows" / "a.json"
+    metrics.parent.mkdir(parents=True)
+    metrics.write_text(json.dumps({"row": "a", "runs": [{"seed": 0, "mlflow_run_id": "r0"}, {"seed": 1, "mlflow_run_id": None}]}))
+    assert record_run_id(run, "r1") == {str(run / "result.json"), str(metrics.resolve())}
+    assert json.loads((run / "result.json").read_text())["mlflow_run_id"] == "r1"
+    assert [r["mlflow_run_id"] for r in json.loads(metrics.read_text())["runs"]] == ["r0", "r1"]
+    assert record_run_id(run, "r1") == set()  # nothing left to change
+
+
 def test_credentials_in_the_tracking_uri_reach_no_file_and_no_log(tmp_path, caplog):
     from tlvit.tracking import Tracker, sync_run_dir
 

@@ -357,3 +357,10 @@ def test_report_says_what_data_it_measured_and_flags_an_imagenet_subset(tmp_path
     note = data_note(Results(layout, params, ROWS, PARAMS))
     assert f"`imagefolder` at `{tmp_path / 'tiny'}`, 2 classes, 10 train / 4 val images; recipe: 1 epochs" in note
     assert "**Subset run** (classes 2 < 1,000, train images 10 < 1,281,167, val images 4 < 50,000, epochs 1 < 300)" in note
+
+
+def test_the_commit_column_keeps_the_dirty_mark():
+    from tlvit.report.frames import short_commit
+
+    assert short_commit("0123456789abcdef0123-dirty") == "0123456789ab-dirty"
+    assert short_commit("0123456789abcdef0123") == "0123456789ab" and short_commit(None) == "unknown"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -93,7 +94,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     if not run_dirs:
         layout = Layout(load_params(args.params)["preset"])
         run_dirs = sorted(p for p in (layout.root / "runs" / layout.preset).glob("*/seed*") if p.is_dir())
-    errors = 0
+    errors, recorded = 0, set()
     for d in run_dirs:
         r = sync_run_dir(d)
         if r.error:
@@ -102,5 +103,34 @@ def cmd_sync(args: argparse.Namespace) -> int:
         elif r.created or r.metrics_sent or r.closed:
             print(f"  {d}: run {r.run_id}" + (" created," if r.created else "") + f" {r.metrics_sent} metric value(s) sent"
                   + (", closed" if r.closed else ""))
+        if r.created:
+            recorded |= record_run_id(Path(d), r.run_id)
     print(f"{len(run_dirs)} run folder(s) checked, {errors} not synced")
+    if recorded:
+        print(f"run ids recorded in {', '.join(sorted(recorded))}; `dvc commit` them so that DVC does not re-run their "
+              "stages")
     return 1 if errors else 0
+
+
+def record_run_id(run_dir: Path, run_id: str) -> set[str]:
+    """A run created by `tlvit sync`: its id into the run's result.json and into its row's metrics file
+    (`metrics/<preset>/rows/<row>.json`, from `runs/<preset>/<row>/seed<k>`), which the report reads."""
+    from tlvit.io import write_json
+
+    changed = set()
+    result = run_dir / "result.json"
+    if result.is_file():
+        res = json.loads(result.read_text())
+        if res.get("mlflow_run_id") != run_id:
+            write_json(result, {**res, "mlflow_run_id": run_id})
+            changed.add(str(result))
+    seed, row, preset = run_dir.name.removeprefix("seed"), run_dir.parent.name, run_dir.parent.parent.name
+    metrics = run_dir.resolve().parents[3] / "metrics" / preset / "rows" / f"{row}.json"
+    if metrics.is_file() and seed.isdigit():
+        m = json.loads(metrics.read_text())
+        runs = [dict(r, mlflow_run_id=run_id) if r.get("seed") == int(seed) and r.get("mlflow_run_id") != run_id else r
+                for r in m.get("runs", [])]
+        if runs != m.get("runs"):
+            write_json(metrics, {**m, "runs": runs})
+            changed.add(str(metrics))
+    return changed

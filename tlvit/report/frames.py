@@ -11,6 +11,14 @@ from tlvit.report.stats import ci95, diff_ci95, verdict
 from tlvit.tables import CITATIONS, Table
 
 
+
+def short_commit(commit: str | None) -> str:
+    """12 hex digits of a commit, keeping its `-dirty` mark (a run from uncommitted code must say so)."""
+    if not commit:
+        return "unknown"
+    head, dirty = commit.removesuffix("-dirty"), commit.endswith("-dirty")
+    return head[:12] + ("-dirty" if dirty else "")
+
 def _mean(values: list[float] | None) -> float | None:
     return statistics.fmean(values) if values else None
 
@@ -40,7 +48,7 @@ def table_frame(table: Table, results: Results) -> pd.DataFrame:
             "Reproduced Δ": None if i == 0 or repro is None or base_repro is None else repro - base_repro,
             "Seeds": len(values),
             "MLflow runs": ", ".join(run.get("mlflow_run_id") or "-" for run in runs) if runs else res.status,
-            "Commit": ", ".join(sorted({(run.get("git_commit") or "unknown")[:12] for run in runs})) if runs else res.status,
+            "Commit": ", ".join(sorted({short_commit(run.get("git_commit")) for run in runs})) if runs else res.status,
             "Config": res.expected_hash or (res.metrics or {}).get("config_hash") or "—",
             "Status": res.status,
             "Params (M)": results.params_m(r["row"]),
