@@ -226,3 +226,22 @@ def test_a_directory_that_is_not_a_store_is_never_replaced(tmp_path):
     assert write_store(tmp_path / "store", ["c.png", "d.png"]).index["paths"] == ["c.png", "d.png"]
     (tmp_path / "empty").mkdir()
     assert len(write_store(tmp_path / "empty", ["a.png"])) == 1
+
+
+def test_resuming_after_the_image_list_changed_recomputes(tmp_path):
+    """Killed after some chunks, one image replaced by another of a new name (same count): the resumed store
+    must not publish the old image's maps under the new name."""
+    root = make_imagefolder(tmp_path / "data", n_per_class=4)
+    model = build_annotator("annotator_cnn", num_classes=2)
+    kw = dict(k=2, batch_size=4, meta={"annotator": "t"}, chunk=4)
+    ds = DenseLabelDataset(root, "train", WholeImageGeometry(32), (0.5,) * 3, (0.25,) * 3)
+    # a killed run: shard 0 of 2 wrote chunk 0 (images a/0..a/3) and left the store unpublished
+    assert generate_score_maps(model, ds, tmp_path / "s", shard=0, num_shards=2, **kw) is None
+    (root / "train" / "a" / "0.png").unlink()
+    arr = np.full((16, 24, 3), 255, np.uint8)  # white, unlike any of the random images
+    Image.fromarray(arr).save(root / "train" / "a" / "00.png")
+    ds = DenseLabelDataset(root, "train", WholeImageGeometry(32), (0.5,) * 3, (0.25,) * 3)
+    store = generate_score_maps(model, ds, tmp_path / "s", **kw)
+    fresh = generate_score_maps(model, ds, tmp_path / "fresh", **kw)
+    assert store.index["paths"][0] == "a/00.png"
+    assert np.array_equal(store.classes, fresh.classes) and np.array_equal(store.logits, fresh.logits)

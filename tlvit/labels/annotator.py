@@ -196,6 +196,9 @@ def generate_score_maps(model: nn.Module, ds: Dataset, out: str | Path, *, k: in
         probe = dense_logits(model, ds[0]["image"][None].to(device))
     num_classes, grid = probe.shape[1], tuple(probe.shape[2:])
     k = min(k, num_classes)
+    # the images themselves (names and byte sizes) belong to the settings: a run resumed after the list changed
+    # (same count, one image replaced) must not keep the old image's maps under the new name
+    meta = {**meta, "images_sha256": images_fingerprint(ds.split_dir, ds.paths)}
     writer = ScoreMapWriter(out, num_images=len(ds), k=k, grid=grid, num_classes=num_classes, meta=meta, chunk=chunk)
     pending = writer.pending_chunks(shard, num_shards)
     bar = tqdm(total=sum(len(writer.chunk_range(c)) for c in pending), desc="score maps", unit="img")
@@ -219,6 +222,14 @@ def generate_score_maps(model: nn.Module, ds: Dataset, out: str | Path, *, k: in
         with Image.open(ds.split_dir / p) as img:  # header only: cheap
             sizes.append(img.size)
     return writer.finish(ds.paths, sizes)
+
+
+def images_fingerprint(root: Path, paths: list[str]) -> str:
+    """sha256 of the relative paths and byte sizes of a split's images (a stat each, no reading)."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(f"{p}\0{(Path(root) / p).stat().st_size}\n".encode())
+    return h.hexdigest()
 
 
 def dense_label_accuracy(store: ScoreMapStore, gt_maps: np.ndarray, gt_labels: np.ndarray, num_classes: int) -> dict:
