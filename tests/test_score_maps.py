@@ -1,4 +1,6 @@
 """Score-map store: format, verification against the dataset, resumable writing, dense conversion."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -245,3 +247,18 @@ def test_resuming_after_the_image_list_changed_recomputes(tmp_path):
     fresh = generate_score_maps(model, ds, tmp_path / "fresh", **kw)
     assert store.index["paths"][0] == "a/00.png"
     assert np.array_equal(store.classes, fresh.classes) and np.array_equal(store.logits, fresh.logits)
+
+
+def test_a_store_that_cannot_fit_fails_before_any_work(tmp_path, monkeypatch):
+    import shutil as shutil_mod
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil_mod, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(ScoreMapError, match=r"no space left on the device for the score maps: 0.01 GB needed, 0.00 GB free"):
+        ScoreMapWriter(tmp_path / "s", num_images=1000, k=5, grid=(18, 18), num_classes=1000, meta={}, chunk=100)
+    assert not (tmp_path / "s.partial").exists()
+    monkeypatch.undo()
+    w = ScoreMapWriter(tmp_path / "s", num_images=10, k=5, grid=(18, 18), num_classes=1000, meta={}, chunk=5)
+    assert os.stat(tmp_path / "s.partial" / "logits.npy").st_blocks * 512 >= 10 * 5 * 18 * 18 * 2  # blocks reserved
+    del w

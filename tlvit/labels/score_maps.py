@@ -13,6 +13,7 @@ and the directory only appears under its final name when every image is done.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import math
@@ -135,8 +136,11 @@ class ScoreMapWriter:
                 tmp = self.partial.with_name(self.partial.name + ".init")
                 shutil.rmtree(tmp, ignore_errors=True)
                 (tmp / "done").mkdir(parents=True)
-                np.lib.format.open_memmap(tmp / "logits.npy", mode="w+", dtype=np.float16, shape=shape).flush()
-                np.lib.format.open_memmap(tmp / "classes.npy", mode="w+", dtype=class_dtype(num_classes), shape=shape).flush()
+                arrays = {"logits.npy": np.dtype(np.float16), "classes.npy": np.dtype(class_dtype(num_classes))}
+                _reserve_space(tmp, sum(int(np.prod(shape)) * d.itemsize for d in arrays.values()))
+                for name, dtype in arrays.items():
+                    np.lib.format.open_memmap(tmp / name, mode="w+", dtype=dtype, shape=shape).flush()
+                    _allocate(tmp / name)  # real blocks now: a full disk fails here, not as a bus error mid-run
                 (tmp / "meta.json").write_text(json.dumps(self.meta))
                 os.replace(tmp, self.partial)
         self.logits = np.load(self.partial / "logits.npy", mmap_mode="r+")
@@ -184,6 +188,27 @@ class ScoreMapWriter:
             # a shard still waiting holds its own handle to the lock; a later one sees the published store
             self.partial.with_name(self.partial.name + ".lock").unlink(missing_ok=True)
             return ScoreMapStore(self.root)
+
+
+def _reserve_space(where: Path, needed: int) -> None:
+    """One clear error when the store cannot fit, before any work is done."""
+    free = shutil.disk_usage(where).free
+    if free < needed:
+        raise ScoreMapError(f"{where.parent}: no space left on the device for the score maps: {needed / 1e9:.2f} GB "
+                            f"needed, {free / 1e9:.2f} GB free; free space or choose another output directory")
+
+
+def _allocate(path: Path) -> None:
+    """Back a freshly created (sparse) memmap file with disk blocks where the filesystem can."""
+    if hasattr(os, "posix_fallocate"):
+        with open(path, "r+b") as f:
+            try:
+                os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+            except OSError as e:
+                if e.errno == errno.ENOSPC:
+                    raise ScoreMapError(f"{path.parent.parent}: no space left on the device for the score maps; "
+                                        "free space or choose another output directory") from e
+                # EOPNOTSUPP etc.: the filesystem cannot preallocate; the check above stands
 
 
 def _check_replaceable(root: Path) -> None:
