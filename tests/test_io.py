@@ -30,3 +30,27 @@ def test_atomic_writes_get_the_mode_a_plain_write_gets(tmp_path):
     (tmp_path / "plain.json").write_text("{}")
     mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
     assert mode(tmp_path / "atomic.json") == mode(tmp_path / "plain.json") != 0o600
+
+
+def test_a_full_disk_while_saving_says_so_and_keeps_the_old_file(tmp_path, monkeypatch):
+    import errno
+
+    import pytest
+    import torch
+
+    from tlvit.io import save_torch_atomic
+
+    path = tmp_path / "checkpoint.pt"
+    save_torch_atomic({"epoch": 1}, path)
+
+    def full(obj, f):
+        f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr("shutil.disk_usage", lambda p: type("u", (), {"free": 4096})())
+    with pytest.raises(OSError, match=r"no space left on the device while saving checkpoint.pt") as e:
+        save_torch_atomic({"epoch": 2}, path)
+    assert e.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"epoch": 1} and [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]

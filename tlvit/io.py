@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -86,8 +87,16 @@ def save_torch_atomic(obj: Any, path: str | Path) -> None:
     import torch
 
     with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
+        except (OSError, RuntimeError) as e:  # torch reports a full disk as an opaque inline_container.cc error
+            written, free = tmp.stat().st_size if tmp.exists() else 0, shutil.disk_usage(tmp.parent).free
+            if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) or free < 1 << 20:
+                raise OSError(errno.ENOSPC, f"{Path(path).parent}: no space left on the device while saving "
+                              f"{Path(path).name} ({written / 1e9:.2f} GB written, {free / 1e9:.2f} GB free); free "
+                              "space and run again: the previous file is untouched") from e
+            raise
 
 
 def tree_digest(root: str | Path, exclude: tuple[str, ...] = ()) -> str:
