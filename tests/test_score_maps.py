@@ -70,6 +70,7 @@ def test_writer_resumes_without_recomputing(tmp_path):
     # other settings: the partial store is discarded, not mixed in
     w3 = ScoreMapWriter(tmp_path / "t", num_images=5, k=1, grid=(1, 1), num_classes=3, meta={"a": 1}, chunk=2)
     w3.write_chunk(0, np.ones((2, 1, 1, 1), np.float16), np.zeros((2, 1, 1, 1), np.uint8))
+    del w3  # killed: nobody writes that partial store any more
     w4 = ScoreMapWriter(tmp_path / "t", num_images=5, k=1, grid=(1, 1), num_classes=3, meta={"a": 2}, chunk=2)
     assert w4.pending_chunks() == [0, 1, 2]
 
@@ -262,3 +263,28 @@ def test_a_store_that_cannot_fit_fails_before_any_work(tmp_path, monkeypatch):
     w = ScoreMapWriter(tmp_path / "s", num_images=10, k=5, grid=(18, 18), num_classes=1000, meta={}, chunk=5)
     assert os.stat(tmp_path / "s.partial" / "logits.npy").st_blocks * 512 >= 10 * 5 * 18 * 18 * 2  # blocks reserved
     del w
+
+
+def test_a_writer_with_other_settings_does_not_discard_a_live_writers_chunks(tmp_path):
+    first = ScoreMapWriter(tmp_path / "s", num_images=4, k=2, grid=(2, 3), num_classes=5, meta={"annotator": "a"}, chunk=2)
+    first.write_chunk(0, np.zeros((2, 2, 2, 3), np.float16), np.zeros((2, 2, 2, 3), np.uint8))
+    with pytest.raises(ScoreMapError, match="another process is writing this store with other settings"):
+        ScoreMapWriter(tmp_path / "s", num_images=4, k=2, grid=(2, 3), num_classes=5, meta={"annotator": "b"}, chunk=2)
+    assert first.is_done(0)  # its chunk survived
+    first._active.close()  # the first writer dies: its partial store is now anyone's to replace
+    second = ScoreMapWriter(tmp_path / "s", num_images=4, k=2, grid=(2, 3), num_classes=5, meta={"annotator": "b"}, chunk=2)
+    assert second.pending_chunks() == [0, 1]
+
+
+def test_rerunning_after_publication_computes_nothing(tmp_path):
+    meta = {"annotator": "t", "images_sha256": "0f"}  # what generate_score_maps records of its images
+    w = ScoreMapWriter(tmp_path / "s", num_images=3, k=2, grid=(2, 3), num_classes=5, meta=meta, chunk=2)
+    for c in w.pending_chunks():
+        n = len(w.chunk_range(c))
+        w.write_chunk(c, np.zeros((n, 2, 2, 3), np.float16), np.zeros((n, 2, 2, 3), np.uint8))
+    store = w.finish(["a.png", "b.png", "c.png"], [(1, 1)] * 3)
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "s").iterdir()}
+    w = ScoreMapWriter(tmp_path / "s", num_images=3, k=2, grid=(2, 3), num_classes=5, meta=meta, chunk=2)
+    assert w.pending_chunks() == [] and not (tmp_path / "s.partial").exists()
+    again = w.finish(["a.png", "b.png", "c.png"], [(1, 1)] * 3)
+    assert again.index == store.index and {p.name: p.stat().st_mtime_ns for p in (tmp_path / "s").iterdir()} == before

@@ -176,3 +176,17 @@ def test_a_changed_config_trains_into_a_new_mlflow_run(tiny_data, tmp_path, monk
     assert old.data.tags["config_hash"] == first["config_hash"] != new.data.tags["config_hash"]
     assert old.data.tags["superseded_by"] == new.info.run_id and new.data.tags["supersedes"] == old.info.run_id
     assert [m.step for m in client.get_metric_history(old.info.run_id, "val_top1")] == [1, 2]  # one training only
+
+
+def test_a_second_trainer_on_the_same_run_folder_stops(tiny_data, tmp_path):
+    """A trainer left running (its `dvc repro` parent killed) holds the folder: a second one refuses it."""
+    import fcntl
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / ".train.rank0.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(RuntimeError, match="another process is training this run"):
+            train(tiny_cfg("ce", epochs=1), 0, run, tiny_data, tracking=False, show_progress=False)
+    assert not (run / "checkpoint.pt").exists()
+    assert train(tiny_cfg("ce", epochs=1), 0, run, tiny_data, tracking=False, show_progress=False)["complete"]

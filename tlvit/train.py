@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import fcntl
 import logging
+import os
 import signal
 import threading
 import time
@@ -179,19 +181,33 @@ def build_training_state(cfg: dict, num_classes: int, device: torch.device, *, g
         amp_dtype=amp_dtype, channels_last=channels_last, clip_grad=cfg.get("clip_grad"))
 
 
-def train(cfg: dict, seed: int, run_dir: str | Path, inputs: RunInputs, *, device: str | None = None,
-          tracking: bool = True, experiment: str | None = None, tags: dict | None = None,
-          show_progress: bool = True, stop_after_epochs: int | None = None) -> dict:
+def train(cfg: dict, seed: int, run_dir: str | Path, inputs: RunInputs, **kwargs) -> dict:
     """Train (or resume) one run; returns its final metrics (also written to `<run_dir>/result.json`).
 
-    stop_after_epochs: return after that many epochs in total (tests of resume); the run stays resumable.
+    One process per run folder and rank: a second trainer on the same folder (e.g. after the `dvc repro`
+    that started the first was killed, leaving it running) stops with one clear line instead of writing
+    into the first one's checkpoints. Keyword arguments: see `_train`.
     """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rank = int(os.environ.get("RANK", "0"))
+    with open(run_dir / f".train.rank{rank}.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"{run_dir}: another process is training this run (rank {rank}); wait for it to "
+                               "finish or stop it (e.g. `fuser -k` on its .train.*.lock), then run again") from None
+        return _train(cfg, seed, run_dir, inputs, **kwargs)
+
+
+def _train(cfg: dict, seed: int, run_dir: Path, inputs: RunInputs, *, device: str | None = None,
+           tracking: bool = True, experiment: str | None = None, tags: dict | None = None,
+           show_progress: bool = True, stop_after_epochs: int | None = None) -> dict:
+    """stop_after_epochs: return after that many epochs in total (tests of resume); the run stays resumable."""
     from timm.utils import ModelEmaV3
 
     from tlvit.tracking import open_tracker, supersede_run
 
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     env = init_distributed()
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     chash = config_hash(cfg)

@@ -128,10 +128,28 @@ class ScoreMapWriter:
         self.meta = {**meta, "num_classes": num_classes, "k": k, "grid": list(grid), "num_images": num_images, "chunk": chunk}
         _check_replaceable(self.root)  # before any work: what is at `root` now is replaced when the store is done
         self.partial.parent.mkdir(parents=True, exist_ok=True)
+        wanted = json.loads(json.dumps(self.meta))
+        # held (shared) while this writer lives: a writer with other settings cannot discard its chunks
+        self._active = open(self.partial.with_name(self.partial.name + ".active"), "a")
         with _locked(self.partial.with_name(self.partial.name + ".lock")):
+            index = json.loads((self.root / INDEX).read_text()) if (self.root / INDEX).is_file() else None
+            # the same settings and images already published (e.g. a shard re-run): nothing to compute. Only
+            # writers that fingerprint their images (generate_score_maps) can know the images are the same.
+            self.published = not self.partial.exists() and index is not None and "images_sha256" in wanted and all(
+                index.get(key) == value for key, value in wanted.items())
+            if self.published:
+                fcntl.flock(self._active, fcntl.LOCK_SH)
+                return
             meta_path = self.partial / "meta.json"
-            if self.partial.exists() and (not meta_path.is_file() or json.loads(meta_path.read_text()) != json.loads(json.dumps(self.meta))):
-                shutil.rmtree(self.partial)  # left by a run with other settings: nothing in it is reusable
+            if self.partial.exists() and (not meta_path.is_file() or json.loads(meta_path.read_text()) != wanted):
+                try:  # left by a run with other settings: reusable only if nobody is still writing it
+                    fcntl.flock(self._active, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    self._active.close()
+                    raise ScoreMapError(f"{self.root}: another process is writing this store with other settings "
+                                        f"({self.partial}); wait for it or stop it, or choose another output") from None
+                shutil.rmtree(self.partial)
+            fcntl.flock(self._active, fcntl.LOCK_SH)
             if not self.partial.exists():
                 tmp = self.partial.with_name(self.partial.name + ".init")
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -147,14 +165,14 @@ class ScoreMapWriter:
         self.classes = np.load(self.partial / "classes.npy", mmap_mode="r+")
 
     def is_done(self, c: int) -> bool:
-        return (self.partial / "done" / str(c)).exists()
+        return self.published or (self.partial / "done" / str(c)).exists()
 
     def pending_chunks(self, shard: int = 0, num_shards: int = 1) -> list[int]:
         """Chunks not written yet; with shards, only this shard's share (c % num_shards == shard)."""
         return [c for c in range(shard, self.num_chunks, num_shards) if not self.is_done(c)]
 
     def chunk_range(self, c: int) -> range:
-        return range(c * self.chunk, min((c + 1) * self.chunk, self.logits.shape[0]))
+        return range(c * self.chunk, min((c + 1) * self.chunk, self.meta["num_images"]))
 
     def write_chunk(self, c: int, logits: np.ndarray, classes: np.ndarray) -> None:
         """Store a finished chunk; it counts as done only after its data is flushed to disk."""
@@ -170,8 +188,12 @@ class ScoreMapWriter:
 
         Returns None while other shards still have chunks to write (the last shard to finish moves it).
         """
+        if self.published:
+            self._active.close()
+            return ScoreMapStore(self.root)
         with _locked(self.partial.with_name(self.partial.name + ".lock")):
             if self.root.is_dir() and not self.partial.exists():
+                self._active.close()
                 return ScoreMapStore(self.root)  # another shard finished it
             missing = [c for c in range(self.num_chunks) if not self.is_done(c)]
             if missing:
@@ -187,6 +209,8 @@ class ScoreMapWriter:
             os.replace(self.partial, self.root)
             # a shard still waiting holds its own handle to the lock; a later one sees the published store
             self.partial.with_name(self.partial.name + ".lock").unlink(missing_ok=True)
+            self._active.close()
+            self.partial.with_name(self.partial.name + ".active").unlink(missing_ok=True)
             return ScoreMapStore(self.root)
 
 
