@@ -47,8 +47,11 @@ def test_smoke_repro_end_to_end(smoke_repo, tmp_path):
         line = next(line for line in table.splitlines() if label in line)
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert re.fullmatch(r"\d+\.\d\d", cells[2]), line  # reproduced top-1
-        assert re.fullmatch(r"[0-9a-f]{32}", cells[6]), line  # MLflow run id
-        assert re.fullmatch(r"[0-9a-f]{12}", cells[8]), line  # config hash
+        assert re.fullmatch(r"[0-9a-f]{12}", cells[6]), line  # commit
+    provenance = (repo / "reports" / "smoke" / "provenance.csv").read_text().splitlines()
+    for row in ("lvvit_s_baseline", "lvvit_s_token_labeling"):
+        line = next(line for line in provenance if line.startswith(f"{row},done,"))
+        assert re.search(r",[0-9a-f]{32},[0-9a-f]{40},[0-9a-f]{12},[0-9a-f]{12}$", line), line  # run, commit, hashes
     with Image.open(repo / "reports" / "smoke" / "figures" / "lvvit_table3.png") as img:
         assert img.size[0] > 300 and img.size[1] > 200
     assert "lvvit_table3.md" in (repo / "reports" / "smoke" / "README.md").read_text()

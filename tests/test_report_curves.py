@@ -116,7 +116,7 @@ def test_report_curves_come_from_mlflow_and_equal_the_json_copy(tiny_row, monkey
     drawn = curves_figure([ROW], results, layout.root / "curves.png")
     assert drawn == [rc] and (layout.root / "curves.png").stat().st_size > 1000
     note = sources_note(drawn)
-    assert f"`{ROW}` from MLflow `sqlite:///mlflow.db`" in note and all(r in note for r in run_ids)
+    assert f"from MLflow `sqlite:///mlflow.db` for `{ROW}`" in note and not any(r in note for r in run_ids)  # ids: CSV
     assert "disagree" not in note and check_summary(drawn).endswith("all agree.")
 
 
@@ -157,5 +157,5 @@ def test_unreachable_store_falls_back_to_the_json_copy_and_says_so(tiny_row, tmp
     assert ("no answer" if store == "http" else "does not exist") in rc.why_not_mlflow
     assert [list(zip(*s)) for s in rc.curves["train_loss"].seeds] == [_json_points(metrics, s, "train_loss") for s in (0, 1)]
     note = sources_note([rc])
-    assert f"`{ROW}` from the metrics JSON (MLflow `{uri}` not used: run " in note
+    assert f"from the metrics JSON for `{ROW}` (MLflow `{uri}` not used: run " in note
     assert not (tmp_path / "gone").exists()

@@ -155,16 +155,19 @@ def _few(steps) -> str:
 
 
 def sources_note(drawn: list[RowCurves]) -> str:
-    """Markdown for the index next to a curves figure: each row's source and run ids, and any disagreement."""
+    """Markdown for the index: where each row's curves came from (run ids are in provenance.csv), and any
+    disagreement between MLflow and the JSON copy."""
+    drawn = list({rc.row: rc for rc in drawn}.values())
+    live = [rc for rc in drawn if rc.source == MLFLOW]
     parts = []
-    for rc in drawn:
-        if rc.source == MLFLOW:
-            check = "" if rc.checked else "; no JSON copy to check against"
-            runs = ", ".join(f"`{r}`" for r in rc.run_ids)
-            parts.append(f"`{rc.row}` from MLflow `{rc.store}` (run{'s' if len(rc.run_ids) > 1 else ''} {runs}{check})")
-        else:
-            parts.append(f"`{rc.row}` from the metrics JSON (MLflow `{rc.store}` not used: {rc.why_not_mlflow})")
-    text = "Curve sources: " + "; ".join(parts) + "."
+    for store in dict.fromkeys(rc.store for rc in live):
+        rows = [rc for rc in live if rc.store == store]
+        unchecked = [f"`{rc.row}`" for rc in rows if not rc.checked]
+        parts.append(f"from MLflow `{store}` for {', '.join(f'`{rc.row}`' for rc in rows)}"
+                     + (f" (no JSON copy to check for {', '.join(unchecked)})" if unchecked else ""))
+    parts += [f"from the metrics JSON for `{rc.row}` (MLflow `{rc.store}` not used: {rc.why_not_mlflow})"
+              for rc in drawn if rc.source != MLFLOW]
+    text = "Curves: " + "; ".join(parts) + "."
     bad = [f"`{rc.row}` {m}" for rc in drawn for m in rc.mismatches]
     if bad:
         text += " **Curves in the JSON copy and MLflow disagree**: " + "; ".join(bad) + "."

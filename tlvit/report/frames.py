@@ -112,9 +112,7 @@ def render_markdown(table: Table, df: pd.DataFrame, preset: str, claims: pd.Data
         "Paper Δ": df["Paper Δ"].map(lambda v: _fmt(v, True)),
         "Reproduced Δ": df["Reproduced Δ"].map(lambda v: _fmt(v, True)),
         "Seeds": df["Seeds"],
-        "MLflow run": df["MLflow runs"],
         "Commit": df["Commit"],
-        "Config hash": df["Config"],
         "Params (M, built)": df["Params (M)"].map(_params_cell),
         "Paper params (M)": df["Paper params (M)"].map(lambda v: "—" if v is None or pd.isna(v) else f"{v:g}"),
     })
@@ -125,7 +123,8 @@ def render_markdown(table: Table, df: pd.DataFrame, preset: str, claims: pd.Data
     head = (f"## {table.caption}\n\nSource: {CITATIONS.get(src['paper'], src['paper'])}, Table {src['table']}. "
             f"Preset: `{preset}` (paper values are ImageNet top-1; reproduced values are on this preset's data, "
             "so compare the Δ columns). Δ is relative to the first row. Params: counted from the model as built "
-            "for this preset (incl. the token-labeling aux head where the row has one).\n\n")
+            "for this preset (incl. the token-labeling aux head where the row has one). Each seed's MLflow run, "
+            "commit and config hash: this table's CSV and `provenance.csv`.\n\n")
     text = head + shown.to_markdown(index=False, disable_numparse=True) + "\n"
     notes = [f"- {label}: {note}" for label, note in zip(df["Row"], df["Note"]) if note]
     if notes:
@@ -159,11 +158,15 @@ def render_claims(claims: pd.DataFrame) -> str:
             + f"\n\nVerdicts: {summary}.\n")
 
 
-def verdict_tally(claims: pd.DataFrame) -> str:
-    """e.g. '2/5 reproduced, 1 not reproduced, 2 pending' for the index."""
-    if not len(claims):
-        return "no claimed differences"
-    t = claims["kind"].value_counts()
-    parts = [f"{t.get('reproduced', 0)}/{len(claims)} reproduced"]
-    parts += [f"{t[k]} {k.replace('_', ' ')}" for k in ("consistent", "not_reproduced", "inconclusive", "pending") if k in t]
-    return ", ".join(parts)
+def provenance_frame(results: Results, rows: list[str]) -> pd.DataFrame:
+    """One line per seed of every row: where its number comes from (MLflow run, commit, config hash)."""
+    lines = []
+    for row in dict.fromkeys(rows):
+        res = results.get(row)
+        for run in res.runs if res.status != PENDING else []:
+            lines.append({"row": row, "status": res.status, "metrics_of": res.source_row, "seed": run.get("seed"),
+                          "top1": run.get("top1"), "mlflow_run_id": run.get("mlflow_run_id"),
+                          "commit": run.get("git_commit"), "config_hash": (res.metrics or {}).get("config_hash"),
+                          "current_config_hash": res.expected_hash})
+    return pd.DataFrame(lines, columns=["row", "status", "metrics_of", "seed", "top1", "mlflow_run_id", "commit",
+                                        "config_hash", "current_config_hash"])
