@@ -59,7 +59,7 @@ def make_tiny_repo(root: Path, rows: dict[str, dict], *, epochs: int = 3, per_cl
     root.mkdir(parents=True, exist_ok=True)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     train = copy.deepcopy(params["presets"]["smoke"]["train"])
-    train.update(epochs=epochs, batch_size=32, warmup_epochs=1, workers=0, eval_every=1)
+    train.update(epochs=epochs, batch_size=32, warmup_epochs=1 if epochs > 1 else 0, workers=0, eval_every=1)
     doc = {"preset": "tiny", "rows": list(rows),
            "launcher": launcher or {"kind": "local", "folder": str(root / "submitit")},
            "presets": {"tiny": {"data": {"kind": "imagefolder"}, "train": train, "seeds": [0]}}}

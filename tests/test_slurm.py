@@ -282,7 +282,7 @@ def test_two_task_cpu_ddp_job(slurm_env, tmp_path):
     record, status = launch_and_wait(repo, slurm_env, "2-task DDP: submit -> COMPLETED")
     assert status.phase == "done", status.detail
     result = json.loads((repo / "runs" / "tiny" / "a" / "seed0" / "result.json").read_text())
-    assert result["global_batch"] == 2 * 32 and result["complete"]
+    assert result["global_batch"] == 32 and result["complete"]  # batch_size is the global batch: 16 per rank
     assert "rank 0 of 2" in job_log(record, 0) and "rank 1 of 2" in job_log(record, 1)
     metrics = json.loads((repo / "metrics" / "tiny" / "rows" / "a.json").read_text())
     assert re.fullmatch(r"[0-9a-f]{32}", metrics["runs"][0]["mlflow_run_id"] or "")  # rank 0's view
