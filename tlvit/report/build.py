@@ -95,8 +95,8 @@ def build_report(params: dict, *, tables_dir: str | Path = TABLES_DIR, rows_path
     write_text(out / "deviations.md", render_deviations(dev, layout.preset))
     write_text(out / "deviations.csv", dev.to_csv(index=False))
     measured = int((dev["pairs"] > 0).sum())
-    index.append(f"- [Deviations from the authors' code, measured](deviations.md) — {measured}/{len(dev)} switches "
-                 "with paired seeds. Files: [CSV](deviations.csv)")
+    index.append(f"\n## Deviations from the authors' code\n\n[deviations.md](deviations.md) ([CSV](deviations.csv)): "
+                 f"{measured} of the {len(dev)} switches that change training measured with paired seeds.")
 
     index.append("\n## Figures\n")
     figures = []  # (file, description, skipped reason or None)
