@@ -114,3 +114,21 @@ def test_the_report_does_not_import_the_training_loop():
             seen.add(m)
             todo += graph[m]
     assert not seen & {"tlvit.train", "tlvit.engine", "tlvit.supervision", "tlvit.samplers", "tlvit.distributed"}
+
+
+NOT_IN_THE_REPOSITORY = ("../" + "shared", "shared/" + "seeds", "shared/" + "notes")  # split: this file is checked too
+
+
+def test_no_file_names_a_path_outside_the_repository():
+    """The papers are cited by title, venue and arXiv id; notes outside the repository are not part of it."""
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    offenders = []
+    for f in files:
+        path = REPO / f
+        if path.suffix in (".py", ".md", ".yaml", ".yml", ".csv", ".tex", ".txt", ".toml", ".sh", ".cfg") or f == "Makefile":
+            text = path.read_text(errors="replace")
+            if any(needle in text for needle in NOT_IN_THE_REPOSITORY):
+                offenders.append(f)
+    assert offenders == []
