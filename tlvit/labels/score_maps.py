@@ -131,21 +131,33 @@ class ScoreMapWriter:
         wanted = json.loads(json.dumps(self.meta))
         # held (shared) while this writer lives: a writer with other settings cannot discard its chunks
         self._active = open(self.partial.with_name(self.partial.name + ".active"), "a")
+        try:
+            self.published = self._claim(wanted, shape, num_classes)
+        except BaseException:  # whatever stops it, this writer holds no lock afterwards
+            self._active.close()
+            raise
+        if self.published:
+            return
+        self.logits = np.load(self.partial / "logits.npy", mmap_mode="r+")
+        self.classes = np.load(self.partial / "classes.npy", mmap_mode="r+")
+
+    def _claim(self, wanted: dict, shape: tuple, num_classes: int) -> bool:
+        """Under the store's lock: True when the same settings are already published; else hold the partial
+        store (creating it, or replacing one of other settings that nobody writes any more) and return False."""
         with _locked(self.partial.with_name(self.partial.name + ".lock")):
             index = json.loads((self.root / INDEX).read_text()) if (self.root / INDEX).is_file() else None
             # the same settings and images already published (e.g. a shard re-run): nothing to compute. Only
             # writers that fingerprint their images (generate_score_maps) can know the images are the same.
-            self.published = not self.partial.exists() and index is not None and "images_sha256" in wanted and all(
+            published = not self.partial.exists() and index is not None and "images_sha256" in wanted and all(
                 index.get(key) == value for key, value in wanted.items())
-            if self.published:
+            if published:
                 fcntl.flock(self._active, fcntl.LOCK_SH)
-                return
+                return True
             meta_path = self.partial / "meta.json"
             if self.partial.exists() and (not meta_path.is_file() or json.loads(meta_path.read_text()) != wanted):
                 try:  # left by a run with other settings: reusable only if nobody is still writing it
                     fcntl.flock(self._active, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
-                    self._active.close()
                     raise ScoreMapError(f"{self.root}: another process is writing this store with other settings "
                                         f"({self.partial}); wait for it or stop it, or choose another output") from None
                 shutil.rmtree(self.partial)
@@ -161,8 +173,7 @@ class ScoreMapWriter:
                     _allocate(tmp / name)  # real blocks now: a full disk fails here, not as a bus error mid-run
                 (tmp / "meta.json").write_text(json.dumps(self.meta))
                 os.replace(tmp, self.partial)
-        self.logits = np.load(self.partial / "logits.npy", mmap_mode="r+")
-        self.classes = np.load(self.partial / "classes.npy", mmap_mode="r+")
+        return False
 
     def is_done(self, c: int) -> bool:
         return self.published or (self.partial / "done" / str(c)).exists()
