@@ -73,3 +73,15 @@ def test_deviations_table_pairs_seeds(tmp_path):
     assert df.loc["pooling", "verdict"] == "pending"
     text = render_deviations(df.reset_index(), "embedded-full")
     assert "-1.10 ±" in text and "`deit_s_tlalign_smooth_cls_slot`" in text
+
+
+def test_report_lists_the_recipe_conflicts_with_both_values():
+    from tlvit.report.deviations import render_recipe_conflicts
+
+    text = render_recipe_conflicts("embedded-full")
+    line = next(line for line in text.splitlines() if line.startswith("| `lvvit_l_img_size`"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[4] == "`img_size`: `224` / `288`" and cells[5] == "paper" and cells[7] == "`lvvit_l_token_labeling`"
+    lr = next(line for line in text.splitlines() if line.startswith("| `lvvit_l_lr`"))
+    assert [c.strip() for c in lr.strip("|").split("|")][5] == "code"
+    assert "imagenet` preset's rows only" in text and "rows only" not in render_recipe_conflicts("imagenet")

@@ -73,15 +73,16 @@ def test_out_of_image_samples_carry_no_label():
     assert torch.allclose(pooled, torch.full((1, 4), 0.25, dtype=torch.double), atol=1e-6)
 
 
+@pytest.mark.parametrize("order", ["crop_flip_randaug", "flip_randaug_crop"])
 @pytest.mark.parametrize("hflip", [0.0, 1.0])
-def test_train_geometry_theta_reproduces_the_image_transform(hflip):
+def test_train_geometry_theta_reproduces_the_image_transform(hflip, order):
     """Resampling the *original image* with theta must give the augmented image (non-square input)."""
     rng = np.random.default_rng(0)
     arr = (rng.random((48, 96)) * 255).astype(np.uint8)
     arr = np.kron(arr[::8, ::8], np.ones((8, 8), np.uint8))  # blocky so bilinear/bicubic agree
     img = Image.fromarray(arr).convert("RGB")
     torch.manual_seed(3)
-    geo = TrainGeometry(32, scale=(0.3, 0.6), hflip=hflip, interpolation=InterpolationMode.BILINEAR)
+    geo = TrainGeometry(32, scale=(0.3, 0.6), hflip=hflip, interpolation=InterpolationMode.BILINEAR, order=order)
     out, theta, _ = geo(img)
     src = TF.to_tensor(img)[None].double()
     grid = F.affine_grid(theta[None].double(), [1, 3, 32, 32], align_corners=False)
@@ -97,8 +98,9 @@ def test_eval_geometry_centre_crop_region():
     assert torch.allclose(theta, torch.tensor([[0.5, 0, 0], [0, 1.0, 0]]))
 
 
+@pytest.mark.parametrize("order", ["crop_flip_randaug", "flip_randaug_crop"])
 @pytest.mark.parametrize("op", ["Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"])
-def test_rand_augment_geometric_ops_move_the_labels_with_the_pixels(op):
+def test_rand_augment_geometric_ops_move_the_labels_with_the_pixels(op, order):
     """theta from RandAugment's geometric op, composed with the crop, warps the original onto the output."""
     import random
 
@@ -112,7 +114,8 @@ def test_rand_augment_geometric_ops_move_the_labels_with_the_pixels(op):
     hp = {"translate_const": 20, "img_mean": (0, 0, 0), "interpolation": Image.NEAREST}
     ra = LabelAwareRandAugment(RandAugment([AugmentOp(op, prob=1.0, magnitude=9, hparams=hp)], num_layers=1))
     torch.manual_seed(0), random.seed(0), np.random.seed(0)
-    geo = TrainGeometry(48, scale=(0.5, 0.8), hflip=0.5, interpolation=InterpolationMode.NEAREST, rand_augment=ra)
+    geo = TrainGeometry(48, scale=(0.5, 0.8), hflip=0.5, interpolation=InterpolationMode.NEAREST, rand_augment=ra,
+                        order=order)
     out, theta, clips = geo(img)
     assert not torch.allclose(theta, crop_flip_theta((0, 0, 48, 96), (48, 96), False).float())
     grid = F.affine_grid(theta[None].double(), [1, 3, 48, 48], align_corners=False)
@@ -170,3 +173,56 @@ def test_partly_clipped_cells_stay_distributions():
     assert torch.allclose(cells.sum(1), torch.ones(1, 2, 2, dtype=torch.double))
     assert torch.allclose(cells[0, :, 0, 1], torch.tensor([0.0, 1, 0, 0], dtype=torch.double))  # what is left: class 1
     assert torch.allclose(pooled, torch.tensor([[1 / 3, 1 / 6, 1 / 3, 1 / 6]], dtype=torch.double))
+
+
+def test_authors_order_runs_rand_augment_on_the_whole_image():
+    """flip -> RandAugment -> crop translates the whole image: a small crop sees the fill or not, wherever it lies.
+
+    Crop first, the translation is a share of the crop itself, so every crop shows the same share of fill.
+    """
+    import random
+
+    from timm.data.auto_augment import AugmentOp, RandAugment
+
+    from tlvit.data.rand_augment import LabelAwareRandAugment
+    from tlvit.labels.geometry import clip_mask
+
+    img = Image.new("RGB", (96, 48), (200, 200, 200))
+    hp = {"translate_pct": 0.45, "img_mean": (0, 0, 0), "interpolation": Image.NEAREST}
+    shares = {}
+    for order in ("crop_flip_randaug", "flip_randaug_crop"):
+        shares[order] = []
+        for seed in range(12):
+            ra = LabelAwareRandAugment(RandAugment([AugmentOp("TranslateXRel", prob=1.0, magnitude=9, hparams=hp)],
+                                                   num_layers=1))
+            torch.manual_seed(seed), random.seed(seed), np.random.seed(seed)
+            geo = TrainGeometry(24, scale=(0.15, 0.15), ratio=(1.0, 1.0), hflip=0.0,
+                                interpolation=InterpolationMode.NEAREST, rand_augment=ra, order=order)
+            out, theta, clips = geo(img)
+            fill = (np.asarray(out)[..., 0] == 0).mean()
+            # the clips know where the fill is, in either order
+            assert abs((1 - clip_mask(clips[None].double(), (24, 24))[0].mean().item()) - fill) < 0.05
+            shares[order].append(fill)
+    assert np.allclose(shares["crop_flip_randaug"], 0.4, atol=0.05)  # timm's level 9 of 10: 0.45 x 0.9
+    assert max(abs(f - 0.4) for f in shares["flip_randaug_crop"]) > 0.3  # some crops all fill or none
+
+
+def test_random_train_interpolation_uses_both_modes_and_colour_jitter_only_without_rand_augment():
+    import random
+
+    from tlvit.data.rand_augment import build_rand_augment
+
+    geo = TrainGeometry(16, interpolation="random")
+    random.seed(0)
+    assert {geo._mode() for _ in range(20)} == {InterpolationMode.BILINEAR, InterpolationMode.BICUBIC}
+    with pytest.raises(ValueError, match="train_interpolation"):
+        TrainGeometry(16, interpolation="lanczos3")
+    with pytest.raises(ValueError, match="transform_order"):
+        TrainGeometry(16, order="randaug_first")
+    img = Image.new("RGB", (32, 32), (120, 60, 30))
+    torch.manual_seed(0)
+    out, theta, _ = TrainGeometry(32, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0, color_jitter=0.4)(img)
+    assert np.asarray(out)[0, 0].tolist() != [120, 60, 30]  # jittered
+    assert torch.allclose(theta, torch.eye(2, 3))  # colour leaves the labels alone
+    with_ra = TrainGeometry(32, color_jitter=0.4, rand_augment=build_rand_augment("rand-m9-mstd0.5-inc1", 32, (0.5,) * 3))
+    assert with_ra._jitter is None  # timm: colour jitter only when no auto-augment

@@ -47,7 +47,7 @@ def test_every_table_and_row_is_defined():
             assert c.paper_delta is not None
     by_key = {t.key: t for t in tables}
     t3 = by_key["lvvit_table3"]
-    assert len(t3.rows) == 8 and t3.rows[0]["row"] == "deit_s_vanilla" and t3.rows[-1]["row"] == "lvvit_s_token_labeling_384"
+    assert len(t3.rows) == 8 and t3.rows[0]["row"] == "deit_s_mixup_cutmix" and t3.rows[-1]["row"] == "lvvit_s_token_labeling_384"
     assert [c.paper_delta for c in t3.claims()][:2] == [1.3, -0.1]  # the path: each step against the one before
 
 
@@ -62,7 +62,7 @@ def test_one_training_run_per_configuration(preset):
     assert sorted(map(sorted, dups)) == sorted(map(sorted, EXPECTED_DUPLICATES.get(preset, [])))
     rows = all_rows(params, preset, TABLES, ROWS, PARAMS)
     assert len(rows) == len(set(rows)) == len({config_hash(configs[r]) for r in table_rows(load_tables(TABLES))})
-    for child, parent in (("lvvit_s_token_labeling_384", "lvvit_s_token_labeling"), ("deit_b_tlalign", "deit_b_cutmix")):
+    for child, parent in (("lvvit_s_token_labeling_384", "lvvit_s_token_labeling"), ("deit_b_tlalign", "deit_b_mixup_cutmix")):
         assert rows.index(parent) < rows.index(child)
 
 
@@ -84,9 +84,12 @@ def test_embedded_table4_stems_are_the_registered_variants():
 
 
 def test_experiment_for_row_one_experiment_per_table():
-    name, tags = experiment_for_row("deit_s_vanilla", "embedded", TABLES)
+    name, tags = experiment_for_row("deit_s_mixup_cutmix", "embedded", TABLES)
     assert name == "tlvit-embedded-lvvit_table3"  # its first table in reading order
-    assert tags["tables"] == "lvvit_table3,tlalign_table2,tlalign_table7"
+    assert tags["tables"] == "lvvit_table3,tlalign_table7"
+    assert tags["table.lvvit_table3"] == "Baseline (DeiT-Small)" and tags["paper.lvvit_table3"] == "79.9"
+    name, tags = experiment_for_row("deit_s_vanilla", "embedded", TABLES)
+    assert name == "tlvit-embedded-tlalign_table2" and tags["tables"] == "tlalign_table2,tlalign_table7"
     assert tags["table.tlalign_table2"] == "Vanilla" and tags["paper.tlalign_table2"] == "76.4"
     assert experiment_for_row("lvvit_s_tl_aug_mixup", "smoke", TABLES)[0] == "tlvit-smoke-lvvit_table7"
     assert experiment_for_row("not_in_any_table", "embedded", TABLES) == ("tlvit-embedded", {})
@@ -127,7 +130,7 @@ def test_rows_cli_writes_params(tmp_path):
     # fine-tunes go to `finetunes` (their own DVC stages, after the parent), the rest to `rows`; none lost
     assert list(pipeline_rows(written)) == [r for r in expected if r not in written["finetunes"]] + list(written["finetunes"])
     assert sorted(pipeline_rows(written)) == sorted(expected)
-    assert written["finetunes"] == {"lvvit_s_token_labeling_384": "lvvit_s_token_labeling", "deit_b_tlalign": "deit_b_cutmix"}
+    assert written["finetunes"] == {"lvvit_s_token_labeling_384": "lvvit_s_token_labeling", "deit_b_tlalign": "deit_b_mixup_cutmix"}
     strip = lambda text, p: text.replace(f"rows: [{', '.join(p['rows'])}]", "").replace(  # noqa: E731
         "finetunes: {" + ", ".join(f"{k}: {v}" for k, v in p["finetunes"].items()) + "}", "")
     assert strip(params.read_text(), written) == strip(PARAMS.read_text(), load_params(PARAMS))
@@ -233,7 +236,7 @@ def report(tmp_path_factory):
     layout = Layout("embedded", root)
     _fake_dataset(layout)
     seeds = lambda mu: [mu - 0.2, mu + 0.05, mu + 0.2]  # noqa: E731
-    _fake_metrics(layout, params, "deit_s_vanilla", seeds(80.0))
+    _fake_metrics(layout, params, "deit_s_mixup_cutmix", seeds(80.0))
     _fake_metrics(layout, params, "deit_s_depth16", seeds(82.0))  # the paper's +1.3: reproduced
     _fake_metrics(layout, params, "lvvit_s_baseline", [84.0])  # one seed: inconclusive
     _fake_metrics(layout, params, "lvvit_s_skip1", seeds(83.0), hash_override="0123456789ab")  # an older config: stale

@@ -131,6 +131,13 @@ def test_fine_tune_starts_from_the_finished_parent_at_a_new_resolution(tiny_data
     assert res["complete"]
     with pytest.raises(ValueError, match="not the finished run"):
         load_parent_weights(model, dict(child, init_from_hash="0" * 12), ckpt)
+    # init_weights: model (the authors' fine-tune) loads the trained weights, not their average
+    plain = torch.load(ckpt, weights_only=False)["model"]
+    assert not torch.equal(plain["blocks.0.attn.qkv.weight"], ema["blocks.0.attn.qkv.weight"])
+    load_parent_weights(model, dict(child, init_weights="model"), ckpt)
+    assert torch.equal(model.state_dict()["blocks.0.attn.qkv.weight"], plain["blocks.0.attn.qkv.weight"])
+    with pytest.raises(ValueError, match="init_weights 'ema'"):
+        load_parent_weights(model, dict(child, init_weights="ema"), ckpt)
 
 
 @pytest.mark.parametrize("error,status", [(RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED")])

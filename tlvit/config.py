@@ -125,10 +125,9 @@ def resolve_run_config(
     for key, value in row_keys.items():
         set_dotted(cfg, key, value, where=f"{rows_path} row {row_id!r}")
     # the model's own recipe (e.g. LV-ViT-M: drop-path 0.2), unless the row sets that key itself
-    recipes = cfg.pop("model_recipes", None) or {}
-    for key, value in (recipes.get(cfg["model"]) or {}).items():
+    for key, value, where in model_recipe(cfg, row, row_id, preset_name, rows_path=rows_path, params_path=params_path):
         if key not in row_keys:
-            set_dotted(cfg, key, value, where=f"{params_path} presets.{preset_name}.train.model_recipes.{cfg['model']}")
+            set_dotted(cfg, key, value, where=where)
     models = cfg.pop("models", None) or {}
     if cfg["model"] in models:  # a paper model name -> this preset's timm model (lvvit_s -> lvvit_e, ...)
         cfg["model"] = models[cfg["model"]]
@@ -140,6 +139,30 @@ def resolve_run_config(
     cfg["row"] = row_id
     cfg["preset"] = preset_name
     return cfg
+
+
+def model_recipe(cfg: dict, row: dict, row_id: str, preset_name: str, *, rows_path: str | Path = "experiments/rows.yaml",
+                 params_path: str | Path = "params.yaml") -> list[tuple[str, Any, str]]:
+    """(dotted key, value, where it is written) of the recipe a row trains with; pops `model_recipes` from cfg.
+
+    The recipe is the row's model's entry in `model_recipes`, or the entry the row names with `recipe:`
+    (LV-ViT Table 3 trains DeiT-S variants with LV-ViT's recipe). An entry's `standard_supervision` part
+    applies only to class-token cross-entropy rows (LV-ViT supplementary Table 1: MixUp with the standard
+    supervision, none with re-labeling or token labeling).
+    """
+    recipes = cfg.pop("model_recipes", None) or {}
+    name = row.get("recipe") or cfg["model"]
+    known = set(recipes) | set(cfg.get("models") or {})
+    if row.get("recipe") and name not in known:
+        raise ConfigError(f"{rows_path} row {row_id!r}: recipe {name!r} is not a model of {params_path} "
+                          f"presets.{preset_name}.train ({sorted(known)}); name one of them")
+    recipe = dict(recipes.get(name) or {})
+    standard = recipe.pop("standard_supervision", None) or {}
+    where = f"{params_path} presets.{preset_name}.train.model_recipes.{name}"
+    out = [(k, v, where) for k, v in recipe.items()]
+    if cfg["supervision"]["kind"] == "ce":
+        out += [(k, v, f"{where}.standard_supervision") for k, v in standard.items()]
+    return out
 
 
 def config_hash(cfg: dict) -> str:

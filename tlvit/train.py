@@ -56,7 +56,12 @@ def load_parent_weights(model: torch.nn.Module, cfg: dict, path: Path | None) ->
     if ckpt["config_hash"] != cfg["init_from_hash"] or ckpt["epoch"] != scheduled_epochs(ckpt["config"]):
         raise ValueError(f"{path}: not the finished run of row {parent!r} under this config (hash {ckpt['config_hash']}, "
                          f"epoch {ckpt['epoch']}/{scheduled_epochs(ckpt['config'])}); run `dvc repro train@{parent}` first")
-    load_checkpoint_resized(model, reported_weights(ckpt))
+    # init_weights (imagenet key; absent: reported): `model` = the parent's trained weights, as the authors'
+    # fine-tune command loads them; `reported` = the weights whose accuracy the parent reports (its EMA if any)
+    which = cfg.get("init_weights", "reported")
+    if which not in ("reported", "model"):
+        raise ValueError(f"row {cfg.get('row')!r}: init_weights {which!r}: use `reported` or `model`")
+    load_checkpoint_resized(model, reported_weights(ckpt) if which == "reported" else ckpt["model"])
 
 
 def reported_weights(ckpt: dict) -> dict:

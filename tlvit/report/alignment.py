@@ -19,7 +19,7 @@ from tlvit.report.results import Results
 MAP_ROWS = ("deit_s_tlalign", "deit_t_tlalign", "deit_b_tlalign", "deit_s_cutmix", "deit_s_vanilla")
 # Fig. 3 compares model sizes: per size the TL-Align row, else the CutMix row.
 RMSE_ROWS = {"DeiT-T": ("deit_t_tlalign", "deit_t_cutmix"), "DeiT-S": ("deit_s_tlalign", "deit_s_cutmix"),
-             "DeiT-B": ("deit_b_tlalign", "deit_b_cutmix")}
+             "DeiT-B": ("deit_b_tlalign", "deit_b_mixup_cutmix")}
 
 
 @dataclass

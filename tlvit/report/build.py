@@ -12,7 +12,7 @@ from tlvit.deviations import DEVIATIONS
 from tlvit.io import atomic_path
 from tlvit.layout import Layout
 from tlvit.report.curves import check_summary, row_curves, sources_note
-from tlvit.report.deviations import deviations_frame, render_deviations
+from tlvit.report.deviations import deviations_frame, render_deviations, render_recipe_conflicts
 from tlvit.report.figures import curves_figure, delta_figure, path_figure, scaling_figure
 from tlvit.report.frames import claims_frame, provenance_frame, render_markdown, table_frame
 from tlvit.report.results import DONE, Results
@@ -92,7 +92,7 @@ def build_report(params: dict, *, tables_dir: str | Path = TABLES_DIR, rows_path
                        *(r for d in DEVIATIONS if d.rows for r in d.rows)]
     write_text(out / "provenance.csv", provenance_frame(results, provenance_rows).to_csv(index=False))
     dev = deviations_frame(results)
-    write_text(out / "deviations.md", render_deviations(dev, layout.preset))
+    write_text(out / "deviations.md", render_deviations(dev, layout.preset) + render_recipe_conflicts(layout.preset))
     write_text(out / "deviations.csv", dev.to_csv(index=False))
     measured = int((dev["pairs"] > 0).sum())
     index.append(f"\n## Deviations from the authors' code\n\n[deviations.md](deviations.md) ([CSV](deviations.csv)): "

@@ -86,3 +86,19 @@ def render_deviations(df: pd.DataFrame, preset: str) -> str:
             "data order and augmentation draws), ± the 95% CI of those differences; Welch's unpaired half-width "
             "is shown beside it. Per-seed values and run ids: the rows' tables' CSVs and `metrics/<preset>/rows/`.\n\n")
     return head + shown.to_markdown(index=False, disable_numparse=True) + "\n"
+
+
+def render_recipe_conflicts(preset: str) -> str:
+    """The ImageNet recipe conflicts (a paper's text vs the authors' command): both values and the choice."""
+    lines = [{"Deviation": f"`{d.key}`", "Setting": d.topic, "Authors' code": d.original, "Paper": d.other,
+              "Switch: code / paper": f"`{d.switch}`: `{d.original_value}` / `{d.other_value}`",
+              "Chosen": "code" if d.default == "original" else "paper", "Why": d.why, "Row (imagenet)": f"`{d.recipe_row}`"}
+             for d in DEVIATIONS if d.recipe_row]
+    if not lines:
+        return ""
+    scope = "" if preset == "imagenet" else f" They shape the `imagenet` preset's rows only, not this preset's (`{preset}`)."
+    return ("\n## ImageNet recipe conflicts: the papers' text vs the authors' commands\n\n"
+            "Settings where a paper and the authors' command for the same model disagree; each is one switch of the "
+            "registry, the chosen value is in the row's resolved config (`experiments/authors_recipes.yaml` has every "
+            "value of the authors' recipes with its source)." + scope + "\n\n"
+            + pd.DataFrame(lines).to_markdown(index=False, disable_numparse=True) + "\n")
