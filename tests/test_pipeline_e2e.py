@@ -109,3 +109,48 @@ def test_unknown_row_fails_clearly_and_keeps_outputs(smoke_repo):
     finally:
         params.write_text(original)
     assert ran_stages(sh(["dvc", "repro"], repo, env).stdout) == []
+
+
+def test_tiny_imagenet_runs_the_imagenet_recipe_end_to_end(tmp_path_factory):
+    """A user's first ImageNet-shaped run: WordNet-id folders of non-square JPEGs, a local resnet18 annotator
+    checkpoint, the imagenet preset's recipe at a tiny scale; the report says it is a subset run."""
+    repo, env = committed_copy(tmp_path_factory.mktemp("tiny"), lambda text: set_preset(text, "tiny-imagenet"))
+    sh(["tlvit", "tiny-imagenet"], repo, env)
+    stages = ran_stages(sh(["dvc", "repro"], repo, env).stdout)
+    assert {"data", "annotator", "scoremaps", "train@lvvit_s_baseline", "train@lvvit_s_token_labeling", "report"} <= set(stages)
+    dataset = json.loads((repo / "data" / "tiny-imagenet" / "dataset.json").read_text())
+    assert dataset["kind"] == "imagefolder" and dataset["splits"] == {"train": 40, "val": 20}
+    # the store covers each whole image: its index keeps the (non-square) sizes the crops are fractions of
+    index = json.loads((repo / "scoremaps" / "tiny-imagenet" / "annotator" / "train" / "index.json").read_text())
+    assert any(w != h for w, h in index["sizes"])
+    readme = (repo / "reports" / "tiny-imagenet" / "README.md").read_text()
+    assert "**Subset run** (classes 5 < 1,000" in readme
+    metrics = json.loads((repo / "metrics" / "tiny-imagenet" / "rows" / "lvvit_s_token_labeling.json").read_text())
+    assert metrics["runs"][0]["seed"] == 42 and metrics["runs"][0]["top1"] is not None
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    params = {r.data.tags["row"]: r.data.params for r in runs}
+    assert params["lvvit_s_baseline"]["augment.mix"] == "mixup"  # standard supervision: MixUp 0.8
+    assert params["lvvit_s_token_labeling"]["transform_order"] == "flip_randaug_crop"
+    assert ran_stages(sh(["dvc", "repro"], repo, env).stdout) == []
+
+
+def test_score_maps_launched_as_shards_are_recorded_by_the_stage(tmp_path_factory):
+    """`tlvit launch --scoremaps N`: N jobs fill the stores (the last publishes each); the persisted `scoremaps`
+    stage then finds them for its settings and records them without recomputing."""
+    repo, env = committed_copy(tmp_path_factory.mktemp("shards"), lambda text: set_preset(text, "smoke"))
+    early = sh(["tlvit", "launch", "--scoremaps", "3", "--kind", "local"], repo, env, check=False)
+    assert early.returncode == 2 and "must run before the score maps: `dvc repro" in early.stderr
+    sh(["dvc", "repro", "annotator"], repo, env)
+    out = sh(["tlvit", "launch", "--scoremaps", "3", "--kind", "local"], repo, env).stdout
+    assert "submitted 3 score-map shard job(s)" in out
+    store = repo / "scoremaps" / "smoke" / "annotator" / "train"
+    index = json.loads((store / "index.json").read_text())
+    assert index["num_images"] == 600 and not store.with_name("train.partial").exists()
+    inode = (store / "logits.npy").stat().st_ino
+    stages = ran_stages(sh(["dvc", "repro", "scoremaps"], repo, env).stdout)
+    assert stages == ["scoremaps"]
+    assert (store / "logits.npy").stat().st_ino == inode  # found, not rewritten
+    assert json.loads((repo / "metrics" / "smoke" / "scoremaps.json").read_text())["grid"] == index["grid"]

@@ -14,6 +14,7 @@ COMMANDS = {
     "rows": "tlvit.rows_cli",
     "bench": "tlvit.bench.cli",
     "deviations": "tlvit.deviations_cli",
+    "tiny-imagenet": "tlvit.data.tiny_imagenet",
 }
 
 

@@ -23,6 +23,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kind", choices=KINDS, help="override launcher.kind")
     p.add_argument("--folder", help="override launcher.folder")
     p.add_argument("--dry-run", action="store_true", help="show what would be submitted, submit nothing")
+    p.add_argument("--scoremaps", type=int, metavar="N", help="instead of rows: fill the preset's score-map stores with "
+                   "N array tasks (each every N-th chunk; docs/cluster.md), then `dvc repro` records them")
     p.set_defaults(func=cmd_launch)
 
     p = sub.add_parser("status", parents=[common], help="one table of all rows: DVC state, job, MLflow run, top-1")
@@ -43,6 +45,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
     from tlvit.launch.launcher import launch_rows, plan_launch
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.scoremaps is not None:
+        return cmd_launch_scoremaps(args)
     try:
         params = load_params(args.params)
         launcher = load_launcher_config(params, kind=args.kind, folder=args.folder, params_path=args.params)
@@ -74,6 +78,26 @@ def cmd_launch(args: argparse.Namespace) -> int:
     failed = [r.row for r in records if r.state == "FAILED"]
     print("next: `dvc repro` waits for these jobs and records their results; `tlvit status` shows progress")
     return 1 if failed else 0
+
+
+def cmd_launch_scoremaps(args: argparse.Namespace) -> int:
+    from tlvit.config import ConfigError, load_params
+    from tlvit.launch.executor import load_launcher_config
+    from tlvit.launch.launcher import launch_scoremaps
+
+    try:
+        params = load_params(args.params)
+        launcher = load_launcher_config(params, kind=args.kind, folder=args.folder, params_path=args.params)
+        if args.dry_run:
+            print(f"would submit {args.scoremaps} score-map shard job(s) with launcher.kind={launcher.kind}")
+            return 0
+        ids = launch_scoremaps(args.scoremaps, params_path=args.params, launcher=launcher)
+    except (ConfigError, RuntimeError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"submitted {len(ids)} score-map shard job(s) with launcher.kind={launcher.kind}: {', '.join(ids)}")
+    print("next: once they have finished (`squeue`, or their logs), `dvc repro` records the stores without recomputing")
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:

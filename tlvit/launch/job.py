@@ -1,4 +1,4 @@
-"""The job object submitit runs: train one row (every seed) in the repository, under any executor.
+"""The job objects submitit runs: train one row (every seed), or fill one shard of the score-map stores.
 
 Preemption: the engine checkpoints atomically after every epoch and resumes from that checkpoint by
 itself, so `checkpoint()` has nothing to save; it returns a fresh copy of the job for submitit to
@@ -83,3 +83,44 @@ class RowJob(submitit.helpers.Checkpointable):
         log.warning("row %s: interrupted; requeueing (resumes from %s)", self.row, "the last epoch's checkpoint.pt")
         return submitit.helpers.DelayedSubmission(RowJob(self.row, self.workdir, self.params_path, self.rows_path,
                                                          self.num_threads))
+
+
+@dataclass
+class ScoreMapShardJob(submitit.helpers.Checkpointable):
+    """Shard `shard` of `num_shards` of the preset's train and val score-map stores (`tlvit launch --scoremaps`).
+
+    Resumable like the stage: a requeued shard skips the chunks already on disk; the last shard to finish
+    a split publishes its store, which the `scoremaps` stage then finds instead of recomputing.
+    """
+
+    shard: int
+    num_shards: int
+    workdir: str
+    params_path: str = "params.yaml"
+    num_threads: int | None = None
+
+    def __call__(self) -> dict:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+        old_cwd = os.getcwd()
+        os.chdir(self.workdir)
+        try:
+            import torch
+
+            from tlvit.annotate import annotate_split
+
+            if self.num_threads:
+                torch.set_num_threads(self.num_threads)
+            published = {}
+            for split in ("train", "val"):
+                store = annotate_split(split, self.params_path, shard=self.shard, num_shards=self.num_shards)
+                published[split] = store is not None
+                log.info("score maps %s: shard %d/%d done%s", split, self.shard, self.num_shards,
+                         "; store published" if store is not None else "")
+            return {"shard": self.shard, "num_shards": self.num_shards, "published": published}
+        finally:
+            os.chdir(old_cwd)
+
+    def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
+        log.warning("score-map shard %d/%d: interrupted; requeueing (finished chunks stay)", self.shard, self.num_shards)
+        return submitit.helpers.DelayedSubmission(ScoreMapShardJob(self.shard, self.num_shards, self.workdir,
+                                                                   self.params_path, self.num_threads))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tlvit.config import ConfigError, config_hash, load_params, pipeline_rows, resolve_run_config
 from tlvit.launch.executor import LauncherConfig, check_shared, load_launcher_config, make_executor
-from tlvit.launch.job import RowJob
+from tlvit.launch.job import RowJob, ScoreMapShardJob
 from tlvit.launch.records import LaunchError, LaunchRecord, poll, read_record, wait, write_record
 from tlvit.layout import Layout
 
@@ -94,6 +94,38 @@ def launch_rows(rows: list[str], *, params_path: str | Path = "params.yaml", row
         write_record(layout, record)
         records.append(record)
     return records
+
+
+def launch_scoremaps(num_shards: int, *, params_path: str | Path = "params.yaml", workdir: str | Path = ".",
+                     launcher: LauncherConfig | None = None) -> list[str]:
+    """Submit `num_shards` score-map jobs (one Slurm array) that fill the preset's stores; returns the job ids.
+
+    Each job computes every num_shards-th chunk of the train and val stores; the last to finish a split
+    publishes its store. `dvc repro` then runs the `scoremaps` stage, which finds the stores published for its
+    settings and only records them. The annotator stage must be current first (its weights define the maps).
+    """
+    if num_shards < 1:
+        raise ConfigError(f"--scoremaps {num_shards}: give the number of shards (array tasks), at least 1")
+    workdir = Path(workdir).resolve()
+    params = load_params(workdir / params_path)
+    launcher = launcher or load_launcher_config(params, params_path=params_path)
+    check_shared(launcher, workdir)
+    p = subprocess.run([sys.executable, "-m", "dvc", "status", "--json", "--with-deps", "annotator"], cwd=workdir,
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"`dvc status` failed in {workdir} ({p.returncode}): {(p.stderr or p.stdout).strip()[-2000:]}")
+    out = p.stdout.strip()
+    stale = sorted(json.loads(out[out.index("{"):]) if "{" in out else {})
+    if stale:
+        raise ConfigError(f"stages {stale} must run before the score maps: `dvc repro {' '.join(stale)}`, then launch again")
+    preset = params["preset"]
+    folder = launcher.folder_path(workdir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{preset}-scoremaps" / "%j"
+    executor = make_executor(launcher, folder, name=f"tlvit-{preset}-scoremaps")
+    threads = launcher.slurm.cpus_per_task if launcher.kind == "slurm" else None
+    with executor.batch():
+        jobs = [executor.submit(ScoreMapShardJob(i, num_shards, str(workdir), str(params_path), threads))
+                for i in range(num_shards)]
+    return [str(j.job_id) for j in jobs]
 
 
 def plan_launch(params: dict, rows: list[str], workdir: str | Path, rows_path: str | Path, params_path: str | Path,
