@@ -28,10 +28,21 @@ def run_stage(main: Callable[[], None]) -> None:
 
         if not isinstance(e, (ConfigError, DatasetError, ScoreMapError, LaunchError, FileNotFoundError)):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
     if os.environ.get(RECORD_IMPORTS):
         record_imports(Path(os.environ[RECORD_IMPORTS]) / f"{Path(sys.argv[0]).stem}.json")
+
+
+def one_line(e: Exception) -> str:
+    """The error's own message. Raised in a DataLoader worker, torch re-raises it in the main process with the
+    worker's traceback in the message; its last line is `module.Class: message`, the line the user needs."""
+    text = str(e)
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    prefix = f"{type(e).__module__}.{type(e).__qualname__}: "
+    return last[len(prefix):] if last.startswith(prefix) else last
 
 
 def record_imports(path: Path) -> None:

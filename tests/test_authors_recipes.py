@@ -83,3 +83,43 @@ def test_a_row_can_train_with_another_models_recipe(tmp_path):
     tmp.write_text(yaml.safe_dump({"deit_s_depth16": {"recipe": "resnet50", "overrides": {"model": "deit_s"}}}))
     with pytest.raises(ConfigError, match="recipe 'resnet50' is not a model"):
         resolve_run_config(params, "deit_s_depth16", preset="imagenet", rows_path=tmp)
+
+
+# the recipe's keys (what the authors' command fixes for every run of a model family), as opposed to what a table's
+# row varies (supervision, mixing, architecture knobs): every ImageNet row has its family's values unless it sets one
+RECIPE_KEYS = ("epochs", "cooldown_epochs", "batch_size", "weight_decay", "warmup_epochs", "warmup_lr", "min_lr",
+               "drop_path", "label_smoothing", "rand_augment", "reprob", "color_jitter", "train_interpolation",
+               "transform_order", "hflip", "crop_scale", "crop_ratio", "crop_pct", "img_size", "ema_decay", "repeated_aug")
+
+
+def family_reference(params: dict, row: str, spec: dict) -> str:
+    """The authors'-table row whose recipe `row` trains with: its own entry, else its model's, else its family's."""
+    if row in TABLE:
+        return row
+    model = spec.get("recipe") or {**(spec.get("overrides") or {})}.get("model") or params["presets"]["imagenet"]["train"]["model"]
+    by_model = {"lvvit_t": "lvvit_t_token_labeling", "lvvit_s": "lvvit_s_token_labeling", "lvvit_m": "lvvit_m_token_labeling",
+                "lvvit_l": "lvvit_l_token_labeling", "deit_t": "deit_t_tlalign", "deit_s": "deit_s_tlalign",
+                "deit_b": "deit_s_tlalign"}
+    return by_model[model]
+
+
+def test_every_imagenet_row_trains_its_familys_recipe():
+    params = load_params(REPO / "params.yaml")
+    rows_path = REPO / "experiments" / "rows.yaml"
+    rows = read_yaml(rows_path)
+    wrong = []
+    for row, spec in rows.items():
+        ref = family_reference(params, row, spec)
+        declared = set(spec.get("overrides") or {}) | set((spec.get("preset_overrides") or {}).get("imagenet") or {})
+        cfg = resolve_run_config(params, row, preset="imagenet", rows_path=rows_path, params_path=REPO / "params.yaml")
+        want = settings(ref)
+        for key in RECIPE_KEYS:
+            entry = want.get(key)
+            if key in declared or entry is None or entry["value"] == "unknown":
+                continue
+            dev = BY_KEY.get(entry.get("deviation"))
+            if dev is not None and dev.default == "other":
+                continue  # checked against the registry above
+            if not same(tlvit_value(cfg, key), entry["value"]):
+                wrong.append(f"{row} ({ref}'s recipe): {key} = {tlvit_value(cfg, key)!r}, authors {entry['value']!r}")
+    assert not wrong, "\n".join(wrong)

@@ -21,6 +21,9 @@ def smoke_repo(tmp_path_factory) -> tuple[Path, dict]:
 
 def test_smoke_repro_end_to_end(smoke_repo, tmp_path):
     repo, env = smoke_repo
+    # a user's first "what would run?" on a fresh clone, before any output exists
+    status = sh(["dvc", "status"], repo, env).stdout
+    assert "data:" in status and "train@lvvit_s_token_labeling:" in status
     first = sh(["dvc", "repro"], repo, dict(env, TLVIT_RECORD_IMPORTS=str(tmp_path / "imports")))
     stages = ran_stages(first.stdout)
     assert {"data", "annotator", "scoremaps", "train@lvvit_s_baseline", "train@lvvit_s_token_labeling", "report"} <= set(stages)

@@ -127,6 +127,44 @@ def test_corrupt_image_names_the_file(tmp_path):
         ds[1]
 
 
+def test_an_error_in_a_loader_worker_reaches_the_user_as_one_line(tmp_path):
+    """torch re-raises a worker's exception with the worker's traceback in its message; the stage prints its line."""
+    from torch.utils.data import DataLoader
+
+    from pipeline import one_line
+    from tlvit.data.datasets import DatasetError
+
+    root = make_imagefolder(tmp_path / "data")
+    (root / "train" / "a" / "1.png").write_bytes(b"not a png")
+    ds = DenseLabelDataset(root, "train", WholeImageGeometry(32), (0.5,) * 3, (0.25,) * 3)
+    with pytest.raises(DatasetError) as info:
+        list(DataLoader(ds, batch_size=2, num_workers=1))
+    assert "Original Traceback" in str(info.value)  # what a user saw: the worker's 40-line traceback
+    line = one_line(info.value)
+    assert "\n" not in line and line.startswith(str(root / "train" / "a" / "1.png")) and "cannot read image" in line
+    assert one_line(DatasetError("x: fix it")) == "x: fix it"
+
+
+def test_store_mismatch_hint_is_a_command_that_regenerates_the_store(tmp_path, monkeypatch):
+    from tlvit.scoremaps_cli import add_parser
+
+    root = make_imagefolder(tmp_path / "data")
+    ds = DenseLabelDataset(root, "train", WholeImageGeometry(32), (0.5,) * 3, (0.25,) * 3)
+    model = build_annotator("annotator_cnn", 2)
+    store = generate_score_maps(model, ds, tmp_path / "maps", k=2, batch_size=4, meta={"annotator": "annotator_cnn",
+                                "checkpoint_sha256": "timm-pretrained", "input_size": 32}, chunk=4)
+    (root / "train" / "b" / "9.png").write_bytes((root / "train" / "b" / "0.png").read_bytes())
+    with pytest.raises(ScoreMapError) as info:
+        DenseLabelDataset(root, "train", WholeImageGeometry(32), (0.5,) * 3, (0.25,) * 3, score_maps=store.root)
+    command = str(info.value).split("or `")[1].rstrip("`)")
+    assert command.startswith(f"tlvit scoremaps --data {root} --split train --annotator annotator_cnn")
+    import argparse
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(command.split()[1:])
+    assert (args.data / args.split).is_dir() and args.out == store.root and args.input_size == 32
+
+
 def test_composition_targets_train_each_location_on_its_own_cell(tmp_path):
     """With cell labels the dense loss reads each location's own label (IGNORE: no loss), not the image's."""
     from tlvit.labels.annotator import IGNORE, train_annotator

@@ -85,10 +85,18 @@ class ScoreMapStore:
     def grid(self) -> tuple[int, int]:
         return tuple(self.logits.shape[2:])  # type: ignore[return-value]
 
+    def regenerate_command(self, split_dir: str | Path) -> str:
+        """The `tlvit scoremaps` command that rewrites this store for the images of `split_dir` (<root>/<split>)."""
+        split_dir = Path(split_dir)
+        ckpt = self.index.get("checkpoint_sha256")
+        weights = "" if ckpt in (None, "timm-pretrained") else " --checkpoint <the annotator's weights file>"
+        return (f"tlvit scoremaps --data {split_dir.parent} --split {split_dir.name} --annotator {self.index.get('annotator')}"
+                f"{weights} --input-size {self.index.get('input_size')} --topk {self.index.get('k')} --out {self.root}")
+
     def verify(self, rel_paths: Sequence[str], dataset_root: str | Path, num_classes: int | None = None) -> None:
-        """Fail with the first mismatch between the store's index and the dataset's images."""
+        """Fail with the first mismatch between the store's index and the images of `dataset_root` (<root>/<split>)."""
         stored = self.index["paths"]
-        fix = f"regenerate the store for this dataset (`dvc repro scoremaps`, or `tlvit scoremaps --data {dataset_root}`)"
+        fix = f"regenerate the store for this dataset (`dvc repro scoremaps`, or `{self.regenerate_command(dataset_root)}`)"
         if num_classes is not None and num_classes != self.num_classes:
             raise ScoreMapError(f"{self.root}: store has {self.num_classes} classes, dataset {dataset_root} has {num_classes}; {fix}")
         for i, (a, b) in enumerate(zip(stored, rel_paths)):
