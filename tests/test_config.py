@@ -192,3 +192,37 @@ def test_override_types_are_checked_when_the_config_is_resolved(tmp_path, overri
     ok = {"lr": 1.0e-3, "epochs": 2.0, "augment.mix_token": True, "crop_scale": [0.5, 1.0]}[next(iter(overrides))]
     rows.write_text(yaml.safe_dump({"r": {"overrides": {next(iter(overrides)): ok}}}))
     resolve_run_config(load_params(REPO / "params.yaml"), "r", preset="embedded", rows_path=rows)
+
+
+def test_defaults_merge_under_every_preset_and_the_stages_depend_on_them(tmp_path):
+    from tlvit.config import load_params, merged
+
+    assert merged({"a": 1, "s": {"x": 1, "y": 2}}, {"s": {"y": 3}, "b": 4}) == {"a": 1, "s": {"x": 1, "y": 3}, "b": 4}
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = load_params(REPO / "params.yaml")
+    for name, preset in params["presets"].items():
+        assert preset["train"]["supervision"]["pooling"] == "logits" and preset["train"]["label_smoothing"] == 0.1, name
+    assert "supervision" not in raw["presets"]["imagenet"]["train"]  # written once, in defaults
+    # a stage reading a preset's section also depends on that section's defaults (else editing them re-runs nothing)
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        params_deps = [p for p in (stage.get("do", stage).get("params") or []) if isinstance(p, str)]
+        for section in raw["defaults"]:
+            if f"presets.${{preset}}.{section}" in params_deps:
+                assert f"defaults.{section}" in params_deps, f"dvc.yaml stage {name}: add `defaults.{section}` to its params"
+    # a preset's own value wins over the default
+    text = (REPO / "params.yaml").read_text().replace("      lr_scale: 8.0 ", "      label_smoothing: 0.2\n      lr_scale: 8.0 ", 1)
+    (tmp_path / "params.yaml").write_text(text)
+    assert load_params(tmp_path / "params.yaml")["presets"]["embedded"]["train"]["label_smoothing"] == 0.2
+
+
+def test_variants_of_embedded_take_its_row_analogs_unless_they_set_their_own():
+    from tlvit.config import load_params, resolve_run_config
+
+    params = load_params(REPO / "params.yaml")
+    rows = REPO / "experiments" / "rows.yaml"
+    emb, full = (resolve_run_config(params, "deit_t_cutmix", preset=p, rows_path=rows) for p in ("embedded", "embedded-full"))
+    assert emb["model_kwargs"] == full["model_kwargs"] == {"embed_dim": 36, "num_heads": 1}
+    assert "variant_of" not in full  # where the analogs come from is not part of the run's config
+    ft = resolve_run_config(params, "lvvit_s_token_labeling_384", preset="embedded-full", rows_path=rows)
+    assert ft["img_size"] == 112 and ft["epochs"] == 2  # embedded's analog, the variant's own epochs

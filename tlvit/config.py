@@ -30,11 +30,23 @@ def read_yaml(path: str | Path) -> Any:
 
 
 def load_params(path: str | Path = "params.yaml") -> dict:
-    """The whole params file."""
+    """The whole params file, each preset's sections merged over the `defaults` block (the preset's values win)."""
     params = read_yaml(path)
     if not isinstance(params, dict) or "presets" not in params:
         raise ConfigError(f"{path}: expected a mapping with a `presets` section")
+    defaults = params.get("defaults") or {}
+    for name, preset in params["presets"].items():
+        for section, values in defaults.items():
+            preset[section] = merged(values, preset.get(section) or {})
     return params
+
+
+def merged(base: dict, over: dict) -> dict:
+    """`over` on top of `base`, mappings merged key by key (a fresh dict; neither input changes)."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else copy.deepcopy(value)
+    return out
 
 
 def preset_section(params: dict, preset: str | None = None, params_path: str | Path = "params.yaml") -> dict:
@@ -121,7 +133,11 @@ def resolve_run_config(
         )
     cfg = copy.deepcopy(sections["train"])
     row = rows[row_id] or {}
-    row_keys = {**(row.get("overrides") or {}), **((row.get("preset_overrides") or {}).get(preset_name) or {})}
+    po = row.get("preset_overrides") or {}
+    # smoke and embedded-full: embedded's analogs unless a row says otherwise (a key of `train`, so that the train
+    # stages depend on it; not part of the run's config)
+    family = cfg.pop("variant_of", None)
+    row_keys = {**(row.get("overrides") or {}), **(po.get(family) or {} if family else {}), **(po.get(preset_name) or {})}
     for key, value in row_keys.items():
         set_dotted(cfg, key, value, where=f"{rows_path} row {row_id!r}")
     # the model's own recipe (e.g. LV-ViT-M: drop-path 0.2), unless the row sets that key itself
