@@ -57,8 +57,9 @@ def make_tiny_repo(root: Path, rows: dict[str, dict], *, epochs: int = 3, per_cl
     a generated ImageFolder, lvvit_e at 64 px, batch 32), experiments/rows.yaml, data/tiny/dataset.json and
     a copy of pipeline/ (the train@<row> stage, `pipeline.train`, runs from the working directory)."""
     root.mkdir(parents=True, exist_ok=True)
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = load_params(REPO / "params.yaml")  # the smoke preset over the defaults block
     train = copy.deepcopy(params["presets"]["smoke"]["train"])
+    train.pop("variant_of", None)
     train.update(epochs=epochs, batch_size=32, warmup_epochs=1 if epochs > 1 else 0, workers=0, eval_every=1)
     doc = {"preset": "tiny", "rows": list(rows),
            "launcher": launcher or {"kind": "local", "folder": str(root / "submitit")},
@@ -292,13 +293,23 @@ def test_launch_submits_all_rows_in_one_batch_and_records_each(tmp_path):
             self.n += 1
             return mock.Mock(job_id=f"77_{self.n - 1}")
 
-    with mock.patch("tlvit.launch.launcher.make_executor", return_value=FakeExecutor()) as make:
+    with mock.patch("tlvit.launch.launcher.make_executor", return_value=FakeExecutor()) as make, \
+            mock.patch("tlvit.launch.launcher.check_fits_cluster") as fits:  # no cluster to ask here
         records = launch_rows(["a", "b"], workdir=repo)
+    assert fits.call_args.args[0].cpus_per_task == 10
     assert make.call_args.args[0].kind == "slurm" and str(make.call_args.args[1]).endswith("-tiny/%j")
     assert [(b, j.row, j.workdir, j.num_threads) for b, j in batches] == [(True, "a", str(repo), 10), (True, "b", str(repo), 10)]
     a = rec.read_record(Layout("tiny", repo), "a")
     assert (a.job_id, a.kind, a.config_hash) == ("77_0", "slurm", row_hash(repo, "a"))
     assert rec.read_record(Layout("tiny", repo), "b").job_id == "77_1" and len(records) == 2
+
+
+def test_a_row_that_cannot_train_is_refused_before_anything_is_submitted(tmp_path):
+    repo = make_tiny_repo(tmp_path / "repo", {"a": {}, "bad": {"augment.mix": "cutmixx"}}, per_class=1)
+    with mock.patch("tlvit.launch.launcher.make_executor") as make:
+        with pytest.raises(ConfigError, match=r"row 'bad' cannot train as configured \(ValueError: .*'cutmixx'"):
+            launch_rows(["a", "bad"], workdir=repo)
+    assert not make.called and rec.read_record(Layout("tiny", repo), "a") is None
 
 
 def test_row_job_requeues_a_fresh_copy_of_itself():
@@ -327,8 +338,16 @@ def test_status_table_shows_job_run_and_latest_top1(tmp_path, monkeypatch):
         "".join(json.dumps({"key": "ema_val_top1", "value": v, "timestamp": 0, "step": s}) + "\n" for s, v in ((1, 40.0), (2, 55.5))))
     table = format_table(collect(workdir=repo, use_dvc=False))
     line_a, line_b = table.splitlines()[2:4]
-    assert line_a.split() == ["a", "?", "local-1-1", "COMPLETED", "f" * 32, "91.25"]
+    assert line_a.split() == ["a", "?", "local-1-1", "COMPLETED", "f" * 32, "91.25", "-"]
     assert line_b.split()[:4] == ["b", "?", "-", "-"] and "55.50 (epoch 2, seed 0)" in line_b
+    # a queued Slurm job: squeue's reason, and where its log will be
+    import tlvit.launch.status as status_mod
+
+    rec.write_record(layout, _record(repo, row="b", kind="slurm", job_id="41_0", config_hash=row_hash(repo, "b")))
+    monkeypatch.setattr(status_mod, "poll", lambda record: rec.JobStatus("PENDING", "active"))
+    monkeypatch.setattr(status_mod, "pending_reason", lambda job_id: "Resources")
+    line_b = format_table(collect(workdir=repo, use_dvc=False)).splitlines()[3]
+    assert "41_0 PENDING (Resources)" in line_b and line_b.rstrip().endswith("41_0_0_log.err")
 
 
 def test_cli_has_launch_status_sync():
@@ -452,3 +471,19 @@ def test_row_through_submitit_local_then_collected_without_retraining(tmp_path, 
     job_result = pickle.loads(result_pickle.read_bytes())[1]
     assert job_result["top1"] == metrics["top1"] and metrics["runs"][0]["epochs"] == 2
     assert metrics["runs"][0]["mlflow_run_id"] == job_result["mlflow_run_ids"][0]  # the same MLflow run
+
+
+def test_a_request_no_node_can_hold_is_refused_before_sbatch():
+    nodes = ex.parse_sinfo("debug*|2|20000|gpu:2(S:0)\nbig|64|512000|gpu:a100:8\nbig|32|256000|(null)\n")
+    assert [(n.partition, n.cpus, n.gpus, n.default) for n in nodes] == [("debug", 2, 2, True), ("big", 64, 8, False),
+                                                                         ("big", 32, 0, False)]
+    reason = ex.unfit_reason(SlurmOptions(cpus_per_task=10), nodes)  # the default: 10 CPUs on a 2-CPU node
+    assert "1 task(s) x 10 CPUs = 10 CPUs" in reason
+    assert "largest node of the default partition has 2 CPUs" in reason and "cpus_per_task" in reason
+    assert ex.unfit_reason(SlurmOptions(cpus_per_task=1, gpus_per_node=2), nodes) is None  # 2 ranks x 1 CPU
+    assert "= 4 CPUs" in ex.unfit_reason(SlurmOptions(cpus_per_task=2, gpus_per_node=2), nodes)  # one rank per GPU
+    assert ex.unfit_reason(SlurmOptions(partition="big", cpus_per_task=8, gpus_per_node=8), nodes) is None
+    assert "gpus_per_node" in ex.unfit_reason(SlurmOptions(partition="big", cpus_per_task=1, gpus_per_node=16), nodes)
+    assert "set launcher.slurm.partition" in ex.unfit_reason(SlurmOptions(partition="gpu"), nodes)
+    assert "64 GB" not in (ex.unfit_reason(SlurmOptions(cpus_per_task=1, mem_gb=16), nodes) or "")
+    assert ex.unfit_reason(SlurmOptions(cpus_per_task=1, mem_gb=64), nodes) is not None

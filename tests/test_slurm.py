@@ -376,3 +376,17 @@ def test_mlflow_outage_loses_no_metric(slurm_env, tmp_path, monkeypatch):
         assert "0 not synced" in out  # nothing left behind
     finally:
         server.stop()
+
+
+def test_a_request_larger_than_any_node_is_refused_from_sinfo(slurm_cluster):
+    """The default cpus_per_task (10) on this 2-CPU node would queue forever; the real sinfo says so first."""
+    from tlvit.config import ConfigError
+    from tlvit.launch.executor import SlurmOptions, check_fits_cluster
+
+    check_fits_cluster(SlurmOptions(cpus_per_task=1))
+    check_fits_cluster(SlurmOptions(cpus_per_task=1, gpus_per_node=2))  # the node's 2 fake GPUs, one rank each
+    cpus = os.cpu_count()
+    with pytest.raises(ConfigError, match=rf"largest node of the default partition has \d+ CPUs"):
+        check_fits_cluster(SlurmOptions(cpus_per_task=cpus * 8))
+    with pytest.raises(ConfigError, match="gpus_per_node"):
+        check_fits_cluster(SlurmOptions(cpus_per_task=1, gpus_per_node=4, tasks_per_node=None))

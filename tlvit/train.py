@@ -186,6 +186,20 @@ def build_training_state(cfg: dict, num_classes: int, device: torch.device, *, g
         amp_dtype=amp_dtype, channels_last=channels_last, clip_grad=cfg.get("clip_grad"))
 
 
+def check_run_config(cfg: dict, num_classes: int = 1000) -> None:
+    """What the node would find wrong with a resolved config, found here, in a second (before `sbatch`):
+    the schedule, the model's constructor arguments (built on the meta device: no memory), the supervision and
+    mixing settings, the train transforms. Raises ValueError/TypeError naming the problem."""
+    from tlvit.data.datasets import TrainGeometry
+
+    check_schedule(cfg, cfg["batch_size"])
+    with torch.device("meta"):
+        model = build_model(cfg, num_classes)
+    Supervision.from_config(cfg, num_classes, model.token_grid)
+    TrainGeometry(cfg["img_size"], tuple(cfg["crop_scale"]), tuple(cfg["crop_ratio"]), cfg["hflip"],
+                  cfg.get("train_interpolation", "bicubic"), None, cfg.get("transform_order", "crop_flip_randaug"))
+
+
 def train(cfg: dict, seed: int, run_dir: str | Path, inputs: RunInputs, **kwargs) -> dict:
     """Train (or resume) one run; returns its final metrics (also written to `<run_dir>/result.json`).
 

@@ -98,6 +98,67 @@ class SlurmOptions:
 
 
 @dataclass
+class SlurmNode:
+    partition: str
+    cpus: int
+    mem_mb: int
+    gpus: int
+    default: bool  # in the cluster's default partition
+
+
+def parse_sinfo(text: str) -> list[SlurmNode]:
+    """`sinfo -h -N -o '%P|%c|%m|%G'` (one line per node and partition) -> nodes; GRES like gpu:4 or gpu:a100:8."""
+    nodes = []
+    for line in text.strip().splitlines():
+        part, cpus, mem, gres = (line.split("|") + ["", "", "", ""])[:4]
+        gpus = 0
+        for g in gres.split(","):
+            fields = g.split("(")[0].split(":")
+            if fields[0] == "gpu" and fields[-1].isdigit():
+                gpus += int(fields[-1])
+        nodes.append(SlurmNode(part.rstrip("*"), int(cpus.rstrip("+") or 0), int(mem.rstrip("+") or 0), gpus,
+                               part.endswith("*")))
+    return nodes
+
+
+def unfit_reason(opts: "SlurmOptions", nodes: list[SlurmNode]) -> str | None:
+    """Why no node of the job's partition can hold one of its nodes' share (None: one can), in launcher.slurm terms."""
+    pool = [n for n in nodes if (n.partition == opts.partition if opts.partition else n.default)]
+    where = f"partition {opts.partition!r}" if opts.partition else "the default partition"
+    if not pool:
+        known = sorted({n.partition for n in nodes})
+        return f"{where} has no nodes (sinfo lists {known}); set launcher.slurm.partition to one of them"
+    cpus = opts.ntasks_per_node * opts.cpus_per_task
+    fits = [n for n in pool if n.cpus >= cpus and n.gpus >= opts.gpus_per_node
+            and (opts.mem_gb is None or n.mem_mb >= opts.mem_gb * 1024)]
+    if fits:
+        return None
+    most = max(pool, key=lambda n: (n.gpus >= opts.gpus_per_node, n.cpus))
+    return (f"launcher.slurm asks each node for {opts.ntasks_per_node} task(s) x {opts.cpus_per_task} CPUs = {cpus} CPUs, "
+            f"{opts.gpus_per_node} GPU(s)" + (f", {opts.mem_gb} GB" if opts.mem_gb is not None else "") +
+            f"; the largest node of {where} has {most.cpus} CPUs, {most.gpus} GPU(s), {most.mem_mb // 1024} GB (sinfo): "
+            "the job would wait forever. Lower launcher.slurm.cpus_per_task / gpus_per_node / mem_gb or pick another "
+            "partition")
+
+
+def check_fits_cluster(opts: "SlurmOptions") -> None:
+    """Before sbatch: refuse a request no node can satisfy (Slurm would queue it with no hint)."""
+    import subprocess
+
+    try:
+        p = subprocess.run(["sinfo", "-h", "-N", "-o", "%P|%c|%m|%G"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log.warning("sinfo unavailable (%s): the job's resources are not checked against the cluster", e)
+        return
+    if p.returncode != 0:
+        log.warning("sinfo failed (%s): the job's resources are not checked against the cluster", p.stderr.strip()[-300:])
+        return
+    reason = unfit_reason(opts, parse_sinfo(p.stdout))
+    if reason:
+        raise ConfigError(reason)
+
+
+@dataclass
 class LauncherConfig:
     """`launcher:` in params.yaml."""
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tlvit.config import ConfigError, config_hash, load_params, pipeline_rows, resolve_run_config
-from tlvit.launch.executor import LauncherConfig, check_shared, load_launcher_config, make_executor
+from tlvit.launch.executor import LauncherConfig, check_fits_cluster, check_shared, load_launcher_config, make_executor
 from tlvit.launch.job import RowJob, ScoreMapShardJob
 from tlvit.launch.records import LaunchError, LaunchRecord, poll, read_record, wait, write_record
 from tlvit.layout import Layout
@@ -65,10 +65,21 @@ def launch_rows(rows: list[str], *, params_path: str | Path = "params.yaml", row
     params = load_params(workdir / params_path)
     launcher = launcher or load_launcher_config(params, params_path=params_path)
     check_shared(launcher, workdir)
+    if launcher.kind == "slurm":
+        check_fits_cluster(launcher.slurm)
     preset = params["preset"]
     layout = Layout(preset, workdir)
-    hashes = {row: config_hash(resolve_run_config(params, row, rows_path=workdir / rows_path, params_path=params_path))
-              for row in rows}
+    from tlvit.train import check_run_config
+
+    hashes = {}
+    for row in rows:
+        cfg = resolve_run_config(params, row, rows_path=workdir / rows_path, params_path=params_path)
+        try:  # here, not on the node: a bad value would fail there, and `dvc repro` would resubmit it once
+            check_run_config(cfg)
+        except (ValueError, TypeError, KeyError) as e:
+            raise ConfigError(f"row {row!r} cannot train as configured ({type(e).__name__}: {e}); fix it in "
+                              f"{rows_path} or {params_path}, then launch again") from e
+        hashes[row] = config_hash(cfg)
     folder = launcher.folder_path(workdir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{preset}" / "%j"
     executor = make_executor(launcher, folder, name=f"tlvit-{preset}")
     threads = launcher.slurm.cpus_per_task if launcher.kind == "slurm" else None  # local kinds: torch default
@@ -110,6 +121,8 @@ def launch_scoremaps(num_shards: int, *, params_path: str | Path = "params.yaml"
     params = load_params(workdir / params_path)
     launcher = launcher or load_launcher_config(params, params_path=params_path)
     check_shared(launcher, workdir)
+    if launcher.kind == "slurm":
+        check_fits_cluster(launcher.slurm)
     p = subprocess.run([sys.executable, "-m", "dvc", "status", "--json", "--with-deps", "annotator"], cwd=workdir,
                        capture_output=True, text=True)
     if p.returncode != 0:

@@ -141,6 +141,24 @@ def slurm_state(job_id: str, folder: str) -> str:
     return state.split()[0].upper()  # "CANCELLED by 0" -> CANCELLED
 
 
+def pending_reason(job_id: str) -> str | None:
+    """squeue's Reason for a queued job (Resources, Priority, ReqNodeNotAvail, ...); None when not pending."""
+    import subprocess
+
+    try:
+        q = subprocess.run(["squeue", "-h", "-j", job_id, "-t", "PENDING", "-o", "%r"], capture_output=True, text=True,
+                           timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    reason = q.stdout.strip().splitlines()
+    return reason[0].strip() if q.returncode == 0 and reason and reason[0].strip() not in ("", "None") else None
+
+
+def log_path(record: LaunchRecord) -> str | None:
+    """The job's stderr log (task 0); None for a job that ran in the launching process."""
+    return None if record.kind == "local" else str(_job_paths(record).stderr)
+
+
 def poll(record: LaunchRecord) -> JobStatus:
     """Where the record's job is now."""
     if record.kind == "local":  # ran in the launching process; the record holds the outcome

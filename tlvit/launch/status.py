@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tlvit.config import ConfigError, config_hash, load_params, pipeline_rows, preset_section, resolve_run_config
 from tlvit.launch.launcher import dvc_status
-from tlvit.launch.records import poll, read_record
+from tlvit.launch.records import log_path, pending_reason, poll, read_record
 from tlvit.layout import Layout
 from tlvit.tracking import ID_FILE, latest_metrics
 
@@ -16,9 +16,10 @@ from tlvit.tracking import ID_FILE, latest_metrics
 class RowStatus:
     row: str
     dvc: str          # up to date | stale | ? (dvc failed: e.g. locked by a running `dvc repro`)
-    job: str          # "<id> <STATE>" of the row's launch record, or -
+    job: str          # "<id> <STATE>" of the row's launch record (a pending Slurm job: "(<squeue reason>)"), or -
     mlflow_run: str   # run id of each seed (first, "+n" for the others), or -
     top1: str         # final mean top-1 (from the row's metrics), or the latest logged value while it trains
+    log: str = "-"    # the job's stderr log, where its errors are
 
 
 def collect(params_path: str | Path = "params.yaml", rows_path: str | Path = "experiments/rows.yaml",
@@ -49,6 +50,9 @@ def collect(params_path: str | Path = "params.yaml", rows_path: str | Path = "ex
             try:
                 st = poll(record)
                 job = f"{record.job_id} {st.state}"
+                reason = pending_reason(record.job_id) if record.kind == "slurm" and st.state == "PENDING" else None
+                if reason:  # e.g. Resources, or ReqNodeNotAvail for a request no node can hold
+                    job += f" ({reason})"
             except Exception as e:  # e.g. no sacct on this machine
                 job = f"{record.job_id} ? ({type(e).__name__})"
             if record.config_hash != chash:
@@ -56,7 +60,8 @@ def collect(params_path: str | Path = "params.yaml", rows_path: str | Path = "ex
         run_dirs = [layout.run_dir(row, s) for s in seeds]
         ids = [(d / ID_FILE).read_text().strip() for d in run_dirs if (d / ID_FILE).is_file()]
         mlflow_run = "-" if not ids else ids[0] + (f" +{len(ids) - 1}" if len(ids) > 1 else "")
-        out.append(RowStatus(row, dvc, job, mlflow_run, _top1(layout, row, chash, run_dirs)))
+        log = (log_path(record) if record is not None else None) or "-"
+        out.append(RowStatus(row, dvc, job, mlflow_run, _top1(layout, row, chash, run_dirs), log))
     return out
 
 
@@ -74,8 +79,8 @@ def _top1(layout: Layout, row: str, chash: str, run_dirs: list[Path]) -> str:
 
 
 def format_table(rows: list[RowStatus]) -> str:
-    header = ("row", "dvc", "job", "mlflow run", "top-1")
-    cells = [header] + [(r.row, r.dvc, r.job, r.mlflow_run, r.top1) for r in rows]
+    header = ("row", "dvc", "job", "mlflow run", "top-1", "log")
+    cells = [header] + [(r.row, r.dvc, r.job, r.mlflow_run, r.top1, r.log) for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
     lines = ["  ".join(c[i].ljust(widths[i]) for i in range(len(header))).rstrip() for c in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
