@@ -183,6 +183,16 @@ def test_a_changed_config_trains_into_a_new_mlflow_run(tiny_data, tmp_path, monk
     assert old.data.tags["config_hash"] == first["config_hash"] != new.data.tags["config_hash"]
     assert old.data.tags["superseded_by"] == new.info.run_id and new.data.tags["supersedes"] == old.info.run_id
     assert [m.step for m in client.get_metric_history(old.info.run_id, "val_top1")] == [1, 2]  # one training only
+    assert old.info.run_name.endswith("(superseded)") and not new.info.run_name.endswith("(superseded)")
+    # collected again later (what the DVC stage does after a cluster job): the run keeps its training time
+    import time
+
+    ended = new.info.end_time
+    time.sleep(1.5)
+    again = train(cfg, 0, tmp_path / "run", tiny_data, show_progress=False)
+    run = client.get_run(again["mlflow_run_id"])
+    assert again["mlflow_run_id"] == new.info.run_id and run.info.status == "FINISHED"
+    assert abs(run.info.end_time - ended) < 1000  # not the collection time, 1.5 s later
 
 
 def test_a_second_trainer_on_the_same_run_folder_stops(tiny_data, tmp_path):

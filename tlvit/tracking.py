@@ -121,8 +121,11 @@ class Tracker:
                 for i in range(0, len(items), 100):  # MLflow takes at most 100 params per call
                     self.client.log_batch(self.run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in items[i : i + 100]])
                 self.pending.unlink(missing_ok=True)
-                if self.supersedes:  # the old run stays as it was, and says which run replaced it
+                if self.supersedes:  # the old run stays as it was, and says which run replaced it (in its name too)
                     self.client.set_tag(self.supersedes, "superseded_by", self.run_id)
+                    old_name = self.client.get_run(self.supersedes).info.run_name or ""
+                    if not old_name.endswith("(superseded)"):
+                        self.client.set_tag(self.supersedes, "mlflow.runName", f"{old_name} (superseded)")
                     self.client.set_tag(self.run_id, "supersedes", self.supersedes)
             else:
                 self.client.update_run(self.run_id, status="RUNNING")
@@ -172,10 +175,13 @@ class Tracker:
             log.warning("MLflow could not set tags on %s (%s)", self.run_id, e)
             self.client = None
 
-    def finish(self, status: str = "FINISHED") -> None:
+    def finish(self, status: str = "FINISHED", end_time: float | None = None) -> None:
+        """Close the run; end_time (seconds since the epoch): when its training ended, if that was earlier than
+        now (a run collected later by the DVC stage keeps its training time as its duration)."""
         if self.client is not None or self._connect():
             try:
-                self.client.set_terminated(self.run_id, status=status)
+                self.client.set_terminated(self.run_id, status=status,
+                                           end_time=int(end_time * 1000) if end_time is not None else None)
             except Exception as e:
                 log.warning("MLflow could not close run %s (%s); `tlvit sync` closes it later", self.run_id, e)
 
@@ -187,7 +193,7 @@ class NullTracker:
 
     def log_metrics(self, metrics: dict, step: int) -> None: ...
     def set_tags(self, tags: dict) -> None: ...
-    def finish(self, status: str = "FINISHED") -> None: ...
+    def finish(self, status: str = "FINISHED", end_time: float | None = None) -> None: ...
 
 
 def supersede_run(run_dir: str | Path, old_config_hash: str) -> str | None:

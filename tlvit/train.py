@@ -255,6 +255,7 @@ def _train(cfg: dict, seed: int, run_dir: Path, inputs: RunInputs, *, device: st
     # ---------------------------------------------------------------- resume
     ckpt_path = run_dir / "checkpoint.pt"
     start_epoch, history, time_before = 0, [], 0.0  # time_before: training time of earlier (killed) attempts
+    ended_at = None  # when the last epoch was saved: the MLflow run's end, also when collected later
     superseded = None  # the MLflow run of an older config of this folder
     if ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location=dev, weights_only=True)
@@ -262,6 +263,7 @@ def _train(cfg: dict, seed: int, run_dir: Path, inputs: RunInputs, *, device: st
             state.load_state_dict(ckpt)
             start_epoch, history = ckpt["epoch"], ckpt["history"]
             time_before = ckpt.get("train_time_s", 0.0)
+            ended_at = ckpt.get("saved_at")
             log.info("resuming %s from epoch %d", run_dir, start_epoch)
         else:  # a different config left this: keep it aside rather than resume into the wrong run
             ckpt_path.rename(run_dir / f"checkpoint.{ckpt['config_hash']}.stale.pt")
@@ -303,9 +305,10 @@ def _train(cfg: dict, seed: int, run_dir: Path, inputs: RunInputs, *, device: st
             history.append(stats)
             trained_s = time_before + time.time() - t_start
             tracker.log_metrics({k: v for k, v in stats.items() if k != "epoch"}, step=epoch + 1)
+            ended_at = time.time()
             if env.is_main:
                 save_torch_atomic({**state.state_dict(), "epoch": epoch + 1, "history": history, "config_hash": chash,
-                                   "seed": seed, "config": cfg, "train_time_s": trained_s}, ckpt_path)
+                                   "seed": seed, "config": cfg, "train_time_s": trained_s, "saved_at": ended_at}, ckpt_path)
             barrier()
             log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()})
 
@@ -327,7 +330,7 @@ def _train(cfg: dict, seed: int, run_dir: Path, inputs: RunInputs, *, device: st
         write_json(run_dir / "result.json", result)
     tracker.set_tags({"complete": done})
     if done:
-        tracker.finish("FINISHED")
+        tracker.finish("FINISHED", end_time=ended_at)
     return result
 
 
