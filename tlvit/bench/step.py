@@ -62,6 +62,9 @@ VARIANTS = (
     Variant("deit_cutmix_explicit", "DeiT, CutMix, explicit attention (diagnostic)", "deit_s_cutmix", (), "deit_cutmix",
             explicit_attention=True),
     Variant("deit_transmix", "DeiT, TransMix (CutMix)", "deit_s_transmix", (), "deit_cutmix"),
+    # diagnostic: what smoothing every label slot (the original's, the default) costs against the class slot only
+    Variant("deit_tlalign_cls_slot", "DeiT, TL-Align, class slot smoothed only (diagnostic)", "deit_s_tlalign_smooth_cls_slot",
+            (), "deit_tlalign"),
 )
 
 
