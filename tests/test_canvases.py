@@ -119,3 +119,33 @@ def test_gt_maps_listing_other_images_stop_with_the_file_and_the_fix(canvases):
         load_gt_maps(canvases, "train", expect_paths=rel[1:] + rel[:1])  # same images, another order
     with pytest.raises(DatasetError, match=r"gt_maps_train\.npz"):
         load_gt_maps(canvases, "train", expect_paths=rel[:-1])
+
+
+def test_tune_split_is_carved_from_train_digits_and_changes_nothing_without_it(canvases, tmp_path):
+    """The tuning split's digits are held out of train (and of the annotator's splits); val stays unseen; with
+    tune_digits_per_class 0 (every existing preset) no byte of any split changes."""
+    pools = load_source_digits(400, 50)
+    tune = {d.tobytes() for cls in pools["tune"] for d in cls}
+    assert [len(c) for c in pools["train"]] == [350] * 10 and [len(c) for c in pools["tune"]] == [50] * 10
+    assert not tune & {d.tobytes() for split in ("train", "val") for cls in pools[split] for d in cls}
+    assert [len(c) for c in load_source_digits(400)["train"]] == [400] * 10
+    tuned = tmp_path / "tuned"
+    write_canvases(tuned, CanvasSpec(train=60, val=20, single=20, composed=30, tune=25, tune_digits_per_class=50, seed=3))
+    assert digest(tuned / "val") == digest(canvases / "val")  # val: the same canvases as without a tune split
+    assert digest(tuned / "train") != digest(canvases / "train")  # train: 350 digits a class instead of 400
+    paths, maps, labels = load_gt_maps(tuned, "tune")
+    assert len(paths) == 25 and maps.shape[1:] == (64, 64)
+    with pytest.raises(ValueError, match="tune_digits_per_class"):
+        write_canvases(tmp_path / "bad", CanvasSpec(train=6, val=2, single=0, tune=5, seed=3))
+
+
+def test_a_run_evaluates_on_the_tune_split_when_its_preset_says_so(tmp_path):
+    from tlvit.data.datasets import val_split
+
+    root = tmp_path / "c"
+    write_canvases(root, CanvasSpec(train=20, val=10, single=0, tune=12, tune_digits_per_class=20, seed=1))
+    cfg = {"img_size": 64, "crop_pct": 1.0}
+    assert len(val_split(cfg, root, "canvases")) == 10
+    assert len(val_split({**cfg, "eval_split": "tune"}, root, "canvases")) == 12
+    with pytest.raises(ValueError, match="eval_split"):
+        val_split({**cfg, "eval_split": "train"}, root, "canvases")

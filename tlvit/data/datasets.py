@@ -257,10 +257,14 @@ def train_split(cfg: dict, root: str | Path, kind: str, score_maps: str | Path |
 
 
 def val_split(cfg: dict, root: str | Path, kind: str, classes: list[str] | None = None) -> DenseLabelDataset:
-    """The `val` split as a run of `cfg` evaluates on it (resize + centre crop at `crop_pct`).
+    """The split a run of `cfg` evaluates on (resize + centre crop at `crop_pct`): `val`, or `tune` where the
+    preset sets `eval_split: tune` (choosing a recipe without looking at val).
 
-    classes: the train split's class folders, which val must match exactly (training passes them; None: unchecked).
+    classes: the train split's class folders, which it must match exactly (training passes them; None: unchecked).
     """
     mean, std = DATA_STATS[kind]
-    return DenseLabelDataset(root, "val", EvalGeometry(cfg["img_size"], cfg.get("crop_pct", 1.0)), mean, std,
+    split = cfg.get("eval_split", "val")
+    if split not in ("val", "tune"):
+        raise ValueError(f"eval_split {split!r}: use `val` or `tune`")
+    return DenseLabelDataset(root, split, EvalGeometry(cfg["img_size"], cfg.get("crop_pct", 1.0)), mean, std,
                              classes=classes)
