@@ -64,8 +64,14 @@ def test_smoke_repro_end_to_end(smoke_repo, tmp_path):
 
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    rows = {r.data.tags["row"]: r for r in runs}
+    rows = {r.data.tags["row"]: r for r in runs if "tlvit.mirror_of" not in r.data.tags}
     assert set(rows) == {"lvvit_s_baseline", "lvvit_s_token_labeling"}
+    # every table's experiment holds every row of it (a run's copies in its row's other tables' experiments)
+    for row, run in rows.items():
+        for table in run.data.tags["tables"].split(","):
+            exp = client.get_experiment_by_name(f"tlvit-smoke-{table}")
+            assert exp is not None and any(r.data.tags["row"] == row for r in client.search_runs([exp.experiment_id])), \
+                (row, table)
     for r in rows.values():
         assert r.info.status == "FINISHED"
         assert r.data.params["supervision.kind"] in ("ce", "token_labeling")

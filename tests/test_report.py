@@ -368,3 +368,34 @@ def test_the_commit_column_keeps_the_dirty_mark():
 
     assert short_commit("0123456789abcdef0123-dirty") == "0123456789ab-dirty"
     assert short_commit("0123456789abcdef0123") == "0123456789ab" and short_commit(None) == "unknown"
+
+
+def test_a_tables_experiment_holds_all_its_rows_as_copies_made_once(tmp_path):
+    """A run lives in its row's first table's experiment; the report copies it into its other tables' ones,
+    once, and again only when the source has moved on (more metric points)."""
+    from mlflow.tracking import MlflowClient
+
+    from tlvit.tracking import MIRROR_TAG, mirror_into_experiment
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    src = client.create_run(client.create_experiment("tlvit-x-lvvit_table3"), run_name="lvvit_s_baseline-s0",
+                            tags={"row": "lvvit_s_baseline"})
+    rid = src.info.run_id
+    client.log_param(rid, "supervision.kind", "ce")
+    for step, v in ((1, 50.0), (2, 60.0)):
+        client.log_metric(rid, "val_top1", v, step=step)
+    client.set_terminated(rid, "FINISHED")
+    first = mirror_into_experiment(rid, "tlvit-x-lvvit_table5", uri)
+    assert mirror_into_experiment(rid, "tlvit-x-lvvit_table5", uri) == first  # found, not copied again
+    assert mirror_into_experiment(rid, "tlvit-x-lvvit_table3", uri) is None  # its own experiment
+    copy = client.get_run(first)
+    assert copy.data.tags[MIRROR_TAG] == rid and copy.data.tags["row"] == "lvvit_s_baseline"
+    assert copy.data.params["supervision.kind"] == "ce" and copy.info.status == "FINISHED"
+    assert [(m.step, m.value) for m in client.get_metric_history(first, "val_top1")] == [(1, 50.0), (2, 60.0)]
+    assert copy.info.end_time == client.get_run(rid).info.end_time
+    client.log_metric(rid, "val_top1", 70.0, step=3)  # the source moved on: the copy follows
+    again = mirror_into_experiment(rid, "tlvit-x-lvvit_table5", uri)
+    assert again != first and len(client.get_metric_history(again, "val_top1")) == 3
+    exp5 = client.get_experiment_by_name("tlvit-x-lvvit_table5").experiment_id
+    assert [r.info.run_id for r in client.search_runs([exp5])] == [again]  # the stale copy is deleted

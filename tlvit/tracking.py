@@ -358,7 +358,7 @@ def display_uri(uri: str, root: str | Path | None = None) -> str:
     return urlunsplit(parts._replace(netloc=(parts.hostname or "") + (f":{parts.port}" if parts.port else "")))
 
 
-def _missing_local_store(uri: str) -> Path | None:
+def missing_local_store(uri: str) -> Path | None:
     """The path of a SQLite or file store that does not exist (MLflow would silently create an empty one)."""
     from urllib.parse import urlsplit
 
@@ -381,7 +381,7 @@ def metric_history(run_id: str, keys: Iterable[str], uri: str | None = None) -> 
     a missing SQLite file is reported, not created.
     """
     uri = uri or default_tracking_uri()
-    missing = _missing_local_store(uri)
+    missing = missing_local_store(uri)
     if missing is not None:
         raise StoreUnreachable(run_id, uri, "the store does not exist")
     if uri.startswith(("http://", "https://")):
@@ -412,3 +412,48 @@ def metric_history(run_id: str, keys: Iterable[str], uri: str | None = None) -> 
         raise StoreUnreachable(run_id, uri, f"{type(e).__name__}: {e}") from e
     except Exception as e:  # a locked or corrupt database, a server that went away mid-read, ...
         raise StoreUnreachable(run_id, uri, f"{type(e).__name__}: {e}") from e
+
+
+MIRROR_TAG = "tlvit.mirror_of"  # on a run that copies another experiment's run into a table's own experiment
+
+
+def mirror_into_experiment(run_id: str, experiment: str, uri: str | None = None, tags: dict | None = None) -> str | None:
+    """A copy of run `run_id` (params, tags, every metric point, status and times) in `experiment`, created once.
+
+    A run lives in one MLflow experiment (its row's first table); a row in several paper tables is copied
+    into each other table's experiment, so that every table's experiment holds all of its rows and the UI
+    compares them side by side. The copy is tagged `tlvit.mirror_of = <run_id>`, found again by that tag, and
+    refreshed when its source has more metric points (a run still training). Returns the copy's run id, or None
+    when the source is in `experiment` already.
+    """
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri or default_tracking_uri())
+    src = client.get_run(run_id)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    if src.info.experiment_id == exp_id:
+        return None
+    found = client.search_runs([exp_id], filter_string=f"tags.`{MIRROR_TAG}` = '{run_id}'", max_results=1)
+    keys = list(src.data.metrics)
+    history = {k: client.get_metric_history(run_id, k) for k in keys}
+    if found:
+        copy = found[0]
+        have = sum(len(client.get_metric_history(copy.info.run_id, k)) for k in keys)
+        if have == sum(len(v) for v in history.values()) and copy.info.status == src.info.status:
+            return copy.info.run_id
+        client.delete_run(copy.info.run_id)  # stale copy of a run that has moved on: copy it again
+    own_tags = {k: v for k, v in src.data.tags.items() if not k.startswith("mlflow.") or k == "mlflow.runName"}
+    copy = client.create_run(exp_id, start_time=src.info.start_time,
+                             tags={**own_tags, **(tags or {}), MIRROR_TAG: run_id},
+                             run_name=src.info.run_name)
+    cid = copy.info.run_id
+    params = [mlflow.entities.Param(k, v) for k, v in src.data.params.items()]
+    for i in range(0, len(params), 100):
+        client.log_batch(cid, params=params[i:i + 100])
+    points = [mlflow.entities.Metric(k, m.value, m.timestamp, m.step) for k, ms in history.items() for m in ms]
+    for i in range(0, len(points), 1000):
+        client.log_batch(cid, metrics=points[i:i + 1000])
+    client.set_terminated(cid, status=src.info.status, end_time=src.info.end_time)
+    return cid
