@@ -78,6 +78,17 @@ def test_smoke_repro_end_to_end(smoke_repo, tmp_path):
         assert len(client.get_metric_history(r.info.run_id, "val_top1")) == 2  # smoke: 2 epochs
         assert r.data.tags["config_hash"] and r.data.tags["git_commit"] != "unknown"
 
+    # DVC's own views: numbers only in `dvc metrics show`, the curves in `dvc plots show` (offline HTML)
+    shown = json.loads(sh(["dvc", "metrics", "show", "--json"], repo, env).stdout)
+    values = {f: d["data"] for f, d in next(iter(shown.values()))["data"].items()}
+    summary = values["metrics/smoke/summary/lvvit_s_token_labeling.json"]
+    assert {"top1", "top5", "top1_cls_only", "n_seeds"} <= set(summary)
+    summaries = {f: d for f, d in values.items() if "/summary/" in f}
+    assert len(summaries) == 2 and all(isinstance(v, (int, float)) for d in summaries.values() for v in d.values())
+    sh(["dvc", "plots", "show", "--out", str(tmp_path / "plots")], repo, env)
+    html = (tmp_path / "plots" / "index.html").read_text()
+    assert "metrics/smoke/curves/lvvit_s_baseline.csv" in html and "ema_val_top1" in html
+
     # a second repro runs nothing
     second = sh(["dvc", "repro"], repo, env)
     assert ran_stages(second.stdout) == []

@@ -38,6 +38,14 @@ class Layout:
     def row_metrics(self, row: str) -> Path:
         return self.metrics_dir / "rows" / f"{row}.json"
 
+    def row_summary(self, row: str) -> Path:
+        """The row's numbers alone (DVC's metrics: `dvc metrics show/diff`)."""
+        return self.metrics_dir / "summary" / f"{row}.json"
+
+    def row_curves(self, row: str) -> Path:
+        """Per-epoch means over seeds (DVC's plots: `dvc plots show/diff`)."""
+        return self.metrics_dir / "curves" / f"{row}.csv"
+
     @property
     def reports_dir(self) -> Path:
         return self.root / "reports" / self.preset

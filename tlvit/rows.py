@@ -33,8 +33,37 @@ def run_row(row: str, params_path: str = "params.yaml", rows_path: str = "experi
         runs.append(train(cfg, seed, layout.run_dir(row, seed), inputs, show_progress=show_progress,
                           experiment=experiment, tags=tags))
     metrics = row_metrics(row, params["preset"], config_hash(cfg), runs)
-    write_json(layout.row_metrics(row), metrics)
+    write_row_outputs(layout, row, metrics)
     return metrics
+
+
+def write_row_outputs(layout: Layout, row: str, metrics: dict) -> None:
+    """The row's metrics file (the full record the report reads), its numbers alone (DVC metrics) and its
+    per-epoch curves averaged over seeds (DVC plots)."""
+    from tlvit.io import atomic_path
+
+    write_json(layout.row_metrics(row), metrics)
+    runs = metrics["runs"]
+
+    def mean(key: str):
+        values = [r[key] for r in runs if r.get(key) is not None]
+        return round(statistics.fmean(values), 3) if len(values) == len(runs) and values else None
+
+    summary = {"top1": metrics["top1"], "top1_std": metrics["top1_std"], "top5": mean("top5"),
+               "top1_cls_only": mean("top1_cls_only"), "n_seeds": metrics["n_seeds"],
+               "train_time_s": round(sum(r.get("train_time_s") or 0.0 for r in runs), 1)}
+    write_json(layout.row_summary(row), {k: v for k, v in summary.items() if v is not None})
+    keys = ("train_loss", "val_top1", "ema_val_top1", "lr")
+    curves = metrics["curves"]
+    lines = ["epoch," + ",".join(keys)]
+    for i, epoch in enumerate(curves[0]["epoch"] if curves else []):
+        cells = []
+        for k in keys:
+            values = [c[k][i] for c in curves if c.get(k) and i < len(c[k]) and c[k][i] is not None]
+            cells.append(f"{statistics.fmean(values):.6g}" if values else "")
+        lines.append(f"{epoch}," + ",".join(cells))
+    with atomic_path(layout.row_curves(row)) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
 
 
 def row_metrics(row: str, preset: str, chash: str, runs: list[dict]) -> dict:

@@ -56,9 +56,8 @@ class RowJob(submitit.helpers.Checkpointable):
         import torch.distributed as dist
 
         from tlvit.distributed import barrier
-        from tlvit.io import write_json
         from tlvit.layout import Layout
-        from tlvit.rows import run_row
+        from tlvit.rows import run_row, write_row_outputs
 
         if self.num_threads:
             torch.set_num_threads(self.num_threads)
@@ -71,7 +70,7 @@ class RowJob(submitit.helpers.Checkpointable):
                 # every rank wrote the row's metrics; rank 0's are the ones that hold the MLflow run ids
                 barrier()
                 if rank == 0:
-                    write_json(Layout(metrics["preset"]).row_metrics(self.row), metrics)
+                    write_row_outputs(Layout(metrics["preset"]), self.row, metrics)
         finally:
             if world > 1 and dist.is_initialized():
                 dist.destroy_process_group()
