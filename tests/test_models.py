@@ -450,3 +450,32 @@ def test_resize_drops_heads_the_target_lacks():
     load_checkpoint_resized(dst, src.state_dict())  # strict: would raise on stray aux_head keys
     assert dst.token_grid == (4, 4)
     assert torch.equal(dst.head.weight, src.head.weight)
+
+
+def test_embedded_table4_docstrings_state_the_stems_they_build():
+    import re
+
+    import tlvit.models.lvvit as lv
+
+    for row in range(1, 8):
+        kernels, strides = lv.embedded_stem(row)
+        doc = getattr(lv, f"lvvit_e_pe{row}").__doc__
+        fmt = lambda t: "[" + ",".join(map(str, t)) + "]"  # noqa: E731
+        assert f"{fmt(kernels)}/{fmt(strides)}" in doc, (row, doc)
+        assert re.search(r"\[[\d,]+\]/\[[\d,]+\]", doc)
+
+
+def test_table4_rows_train_the_stems_the_model_file_defines():
+    """experiments/rows.yaml spells each Table 4 stem for two presets: they must be tlvit.models.lvvit's."""
+    from pathlib import Path
+
+    from tlvit.config import load_params, resolve_run_config
+    from tlvit.models.lvvit import TABLE4_STEMS, embedded_stem
+
+    repo = Path(__file__).resolve().parents[1]
+    params = load_params(repo / "params.yaml")
+    for row in (1, 2, 3, 4, 6, 7):
+        for preset, want in (("imagenet", TABLE4_STEMS[row]), ("embedded", embedded_stem(row))):
+            kw = resolve_run_config(params, f"lvvit_s_pe{row}", preset=preset, rows_path=repo / "experiments" / "rows.yaml",
+                                    params_path=repo / "params.yaml")["model_kwargs"]
+            assert (tuple(kw["stem_kernels"]), tuple(kw["stem_strides"])) == want, (row, preset)

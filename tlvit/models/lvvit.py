@@ -533,7 +533,7 @@ def lvvit_e_pe5(pretrained: bool = False, **kwargs) -> LvViT:
 
 @register_model
 def lvvit_e_pe6(pretrained: bool = False, **kwargs) -> LvViT:
-    """Embedded Table 4 row 6: [7,3,3,2]/[2,2,1,2]."""
+    """Embedded Table 4 row 6: [7,3,3,4]/[2,2,1,2]."""
     return _lvvit_e_table4(6, pretrained, **kwargs)
 
 
