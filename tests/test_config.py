@@ -157,9 +157,12 @@ def test_finetune_stage_runs_what_train_runs_after_its_parent():
     train, finetune = stages["train"]["do"], stages["finetune"]["do"]
     sub = lambda deps: [d.replace("${item}", "${key}") if isinstance(d, str) else d for d in deps]  # noqa: E731
     assert finetune["deps"] == sub(train["deps"]) + ["metrics/${preset}/rows/${item}.json"]
-    assert finetune["params"][:2] == train["params"][:2]
+    assert finetune["params"][:3] == train["params"][:3]
     assert finetune["cmd"] == "python -m pipeline.train --row ${key} --parent ${item}"
-    assert finetune["metrics"] == [{"metrics/${preset}/rows/${key}.json": {"cache": False}}]
+    as_key = lambda entries: [{k.replace("${item}", "${key}"): v for k, v in e.items()} for e in entries]  # noqa: E731
+    for kind in ("outs", "metrics", "plots"):  # the same outputs, persisted and cached alike
+        assert [{k: {**v, "persist": v.get("persist")}} for e in finetune[kind] for k, v in e.items()] == \
+            [{k: {**v, "persist": v.get("persist")}} for e in as_key(train[kind]) for k, v in e.items()], kind
 
 
 def test_dvc_orders_a_finetune_after_its_parent(tmp_path):
