@@ -189,10 +189,15 @@ def test_a_changed_config_trains_into_a_new_mlflow_run(tiny_data, tmp_path, monk
 
     ended = new.info.end_time
     time.sleep(1.5)
+    import tlvit.train as train_mod
+
+    monkeypatch.setattr(train_mod, "git_commit", lambda *a, **k: "f" * 40)  # the repository moved on meanwhile
     again = train(cfg, 0, tmp_path / "run", tiny_data, show_progress=False)
     run = client.get_run(again["mlflow_run_id"])
     assert again["mlflow_run_id"] == new.info.run_id and run.info.status == "FINISHED"
     assert abs(run.info.end_time - ended) < 1000  # not the collection time, 1.5 s later
+    # and its commit is the one that trained it, not the one that collected it
+    assert again["git_commit"] == second["git_commit"] != "f" * 40 and run.data.tags["git_commit"] == second["git_commit"]
 
 
 def test_a_second_trainer_on_the_same_run_folder_stops(tiny_data, tmp_path):

@@ -256,6 +256,7 @@ def _train(cfg: dict, seed: int, run_dir: Path, inputs: RunInputs, *, device: st
     ckpt_path = run_dir / "checkpoint.pt"
     start_epoch, history, time_before = 0, [], 0.0  # time_before: training time of earlier (killed) attempts
     ended_at = None  # when the last epoch was saved: the MLflow run's end, also when collected later
+    trained_at_commit = None  # the commit whose code trained the checkpoint's last epoch
     superseded = None  # the MLflow run of an older config of this folder
     if ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location=dev, weights_only=True)
@@ -264,6 +265,7 @@ def _train(cfg: dict, seed: int, run_dir: Path, inputs: RunInputs, *, device: st
             start_epoch, history = ckpt["epoch"], ckpt["history"]
             time_before = ckpt.get("train_time_s", 0.0)
             ended_at = ckpt.get("saved_at")
+            trained_at_commit = ckpt.get("git_commit")
             log.info("resuming %s from epoch %d", run_dir, start_epoch)
         else:  # a different config left this: keep it aside rather than resume into the wrong run
             ckpt_path.rename(run_dir / f"checkpoint.{ckpt['config_hash']}.stale.pt")
@@ -274,8 +276,10 @@ def _train(cfg: dict, seed: int, run_dir: Path, inputs: RunInputs, *, device: st
         if state.ema is not None:
             state.ema = ModelEmaV3(model, decay=cfg["ema_decay"])  # the average starts from the loaded weights
 
+    # the commit that trains; a run only collected here (its checkpoint complete) keeps the one that trained it
+    commit = trained_at_commit if trained_at_commit and start_epoch >= num_epochs else git_commit()
     run_tags = {"row": cfg.get("row"), "preset": cfg.get("preset"), "config_hash": chash, "seed": seed,
-                "git_commit": git_commit(), **versions(), **cluster_tags(), **(tags or {})}
+                "git_commit": commit, **versions(), **cluster_tags(), **(tags or {})}
     tracker = open_tracker(run_dir, experiment or f"tlvit-{cfg.get('preset')}", f"{cfg.get('row')}-s{seed}",
                            {**cfg, "seed": seed, "lr_effective": lr, "global_batch": global_batch}, run_tags,
                            enabled=tracking and env.is_main, supersedes=superseded)
@@ -308,7 +312,8 @@ def _train(cfg: dict, seed: int, run_dir: Path, inputs: RunInputs, *, device: st
             ended_at = time.time()
             if env.is_main:
                 save_torch_atomic({**state.state_dict(), "epoch": epoch + 1, "history": history, "config_hash": chash,
-                                   "seed": seed, "config": cfg, "train_time_s": trained_s, "saved_at": ended_at}, ckpt_path)
+                                   "seed": seed, "config": cfg, "train_time_s": trained_s, "saved_at": ended_at,
+                                   "git_commit": commit}, ckpt_path)
             barrier()
             log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()})
 
