@@ -27,8 +27,8 @@ def main(argv=None) -> None:
     try:  # MLflow is an external store: the report stands without it
         results = Results(Layout(params["preset"]), params, args.rows, args.params)
         copied, why = mirror_table_runs(results, load_tables(args.tables))
-        print(f"report: {why}" if why else f"report: MLflow: each table's experiment holds all its rows ({copied} run(s) "
-                                           "copied from their rows' first tables)")
+        print(f"report: {why}" if why else f"report: MLflow: each table's experiment holds all its rows ({copied} copies of "
+                                           "runs from their rows' first tables)")
     except Exception as e:  # noqa: BLE001  a store that fails mid-way must not fail the report
         print(f"report: MLflow: the tables' experiments were not completed ({type(e).__name__}: {e})")
 

@@ -7,7 +7,7 @@ from tlvit.tables import Table
 
 
 def mirror_table_runs(results: Results, tables: list[Table], uri: str | None = None) -> tuple[int, str | None]:
-    """(runs copied or refreshed, why nothing could be copied or None). Reads the done rows' run ids."""
+    """(copies in place in the tables' experiments, why none could be made or None). Reads the done rows' run ids."""
     from tlvit.tracking import (default_tracking_uri, display_uri, mirror_into_experiment, missing_local_store,
                                 server_reachable)
 
