@@ -479,3 +479,66 @@ def test_table4_rows_train_the_stems_the_model_file_defines():
             kw = resolve_run_config(params, f"lvvit_s_pe{row}", preset=preset, rows_path=repo / "experiments" / "rows.yaml",
                                     params_path=repo / "params.yaml")["model_kwargs"]
             assert (tuple(kw["stem_kernels"]), tuple(kw["stem_strides"])) == want, (row, preset)
+
+
+def _authors_layout(state_dict: dict) -> dict:
+    """tlvit's keys renamed to TokenLabeling's (`patch_embed.stem.{i}.conv` -> `patch_embed.conv{i+1}`, bn alike)."""
+    import re
+
+    return {re.sub(r"^patch_embed\.stem\.(\d)\.(conv|bn)\.", lambda m: f"patch_embed.{m.group(2)}{int(m.group(1)) + 1}.", k): v
+            for k, v in state_dict.items()}
+
+
+@pytest.mark.parametrize("name", ["lvvit_t", "lvvit_s", "lvvit_m", "lvvit_l"])
+def test_authors_checkpoint_files_load_through_timm(name, tmp_path):
+    """A file in the authors' layout (their stem names, an EMA and a raw copy, a `module.` prefix) loads with
+    timm.create_model(..., pretrained=True, pretrained_cfg_overlay=dict(file=...)) and gives the same outputs."""
+    import timm
+
+    import tlvit.models  # noqa: F401  (registers the models)
+
+    torch.manual_seed(0)
+    src = timm.create_model(name).eval()
+    theirs = _authors_layout(src.state_dict())
+    assert sum(k.startswith(("patch_embed.conv", "patch_embed.bn")) for k in theirs) == 18
+    raw = {k: torch.zeros_like(v) for k, v in theirs.items()}
+    path = tmp_path / f"{name}.pth.tar"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in raw.items()}, "state_dict_ema": theirs, "epoch": 300}, path)
+    loaded = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()
+    size = loaded.pretrained_cfg["input_size"][-1]
+    if name in ("lvvit_t", "lvvit_s"):  # outputs only where cheap; the key mapping is the same for every size
+        x = torch.randn(2, 3, size, size)
+        with torch.no_grad():
+            assert torch.equal(loaded(x), src(x))
+    else:
+        assert all(torch.equal(v, src.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
+def test_an_authors_384_checkpoint_loads_at_224_with_its_position_grid_resampled(tmp_path):
+    import timm
+
+    import tlvit.models  # noqa: F401
+
+    torch.manual_seed(0)
+    at384 = timm.create_model("lvvit_t", img_size=384)
+    path = tmp_path / "lvvit_t-384.pth.tar"
+    torch.save({"state_dict_ema": _authors_layout(at384.state_dict())}, path)
+    at224 = timm.create_model("lvvit_t", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    assert at224.pos_embed.shape[1] == 1 + 14 * 14 and torch.equal(at224.pos_embed[0, 0], at384.pos_embed[0, 0])
+    assert torch.equal(at224.patch_embed.stem[0].conv.weight, at384.patch_embed.stem[0].conv.weight)
+
+
+def test_a_deit_checkpoint_in_deits_layout_loads_and_predicts_alike(tmp_path):
+    """DeiT's and TL-Align's files ({"model": state dict} of timm's VisionTransformer) load into tlvit's DeiT."""
+    import timm
+
+    import tlvit.models  # noqa: F401
+
+    torch.manual_seed(0)
+    ref = timm.create_model("deit_tiny_patch16_224").eval()
+    path = tmp_path / "deit_tiny.pth"
+    torch.save({"model": ref.state_dict()}, path)
+    ours = timm.create_model("tlvit_deit_tiny_patch16_224", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(ours.eval()(x), ref(x))

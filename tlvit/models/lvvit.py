@@ -18,6 +18,8 @@ Layout follows timm: blocks -> model -> checkpoint filter -> default cfgs -> bui
 """
 from __future__ import annotations
 
+import re
+
 from functools import partial
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
 
@@ -357,6 +359,9 @@ def _init_linear(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
+_AUTHORS_STEM = re.compile(r"^patch_embed\.(conv|bn)(\d+)\.")  # TokenLabeling's names of the stem's layers
+
+
 def checkpoint_filter_fn(
         state_dict: Dict[str, torch.Tensor],
         model: LvViT,
@@ -368,16 +373,20 @@ def checkpoint_filter_fn(
       given) is resampled bicubically to model.token_grid, as in LV-ViT's 384 px fine-tuning;
     - head / aux_head: the checkpoint's when the shapes match, otherwise (other class count, head
       absent on either side) the model's own freshly initialised ones, so loading stays strict.
-    Also unwraps {"model": ...} / {"state_dict": ...} and a DistributedDataParallel "module." prefix.
+    - the authors' stem keys (TokenLabeling's `patch_embed.conv{i}` / `patch_embed.bn{i}`) become this
+      model's `patch_embed.stem.{i-1}.conv` / `.bn`: the same layers, so their released files load as they are.
+    Also unwraps {"state_dict_ema": ...} (preferred, as timm's loader does) / {"model": ...} / {"state_dict": ...}
+    and a DistributedDataParallel "module." prefix.
     """
-    for key in ("model", "state_dict"):
+    for key in ("state_dict_ema", "model", "state_dict"):
         if isinstance(state_dict.get(key), dict):
             state_dict = state_dict[key]
+            break
     target = model.state_dict()
     is_head = lambda k: k.startswith(("head.", "aux_head."))  # noqa: E731
     out = {}
     for k, v in state_dict.items():
-        k = k.removeprefix("module.")
+        k = _AUTHORS_STEM.sub(lambda m: f"patch_embed.stem.{int(m.group(2)) - 1}.{m.group(1)}.", k.removeprefix("module."))
         if k == "pos_embed" and v.shape != target[k].shape:
             # antialias=False: plain bicubic like the original's resize (matters only when downsampling).
             v = resample_abs_pos_embed(
