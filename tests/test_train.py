@@ -212,3 +212,66 @@ def test_a_second_trainer_on_the_same_run_folder_stops(tiny_data, tmp_path):
             train(tiny_cfg("ce", epochs=1), 0, run, tiny_data, tracking=False, show_progress=False)
     assert not (run / "checkpoint.pt").exists()
     assert train(tiny_cfg("ce", epochs=1), 0, run, tiny_data, tracking=False, show_progress=False)["complete"]
+
+
+def test_tlvit_eval_gives_a_runs_own_last_validation_exactly(tiny_data, tmp_path, capsys):
+    """`tlvit eval` on a training checkpoint: the run's model, crop and reported (EMA) weights, so both inference
+    rules' numbers equal what training logged for its last epoch."""
+    import json
+
+    from tlvit.cli import main
+
+    res = train(tiny_cfg("token_labeling", mix_token=True, epochs=2), 0, tmp_path / "run", tiny_data, tracking=False,
+                show_progress=False)
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--data", str(tiny_data.data_root),
+                 "--batch-size", "256", "--out", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert got["top1"] == res["top1"] and got["top1_cls"] == res["top1_cls_only"] and got["top5"] == res["top5"]
+    assert got["inference_rule"] == "cls_plus_aux" and got["images"] == 32 and "EMA weights" in got["source"]
+    assert main(["eval", "--checkpoint", str(tmp_path / "none.pt"), "--data", str(tiny_data.data_root)]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_tlvit_eval_reads_imagenet_real_labels_through_timm(tmp_path):
+    """A released-style file (`--model`), ILSVRC-named val images and a real.json: ReaL top-1 counts a prediction
+    right when it is any of the image's real labels, and images without real labels are left out (timm's rule)."""
+    import json
+
+    import timm
+    from PIL import Image
+
+    import tlvit.models  # noqa: F401
+    from tlvit.evaluate import evaluate_split, load_for_eval
+
+    root = tmp_path / "inet"
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 1), ("val", 3)):
+        for c, wnid in enumerate(("n01", "n02")):
+            (root / split / wnid).mkdir(parents=True)
+            for i in range(n):
+                idx = c * n + i + 1
+                name = f"ILSVRC2012_val_{idx:08d}.JPEG" if split == "val" else f"{wnid}_{i}.JPEG"
+                Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(root / split / wnid / name)
+    torch.manual_seed(0)
+    net = timm.create_model("lvvit_t", num_classes=2, img_size=32).eval()
+    ckpt = tmp_path / "lvvit_t.pth"
+    torch.save({"state_dict_ema": net.state_dict()}, ckpt)
+    setup = load_for_eval(ckpt, 2, "lvvit_t", img_size=32)
+    plain = evaluate_split(setup, root, batch_size=4)
+    # real.json: image 1 accepts both classes, image 2 none (left out), the rest their folder's class
+    real = [[0, 1], [], [0], [1], [1], [1]]
+    (tmp_path / "real.json").write_text(json.dumps(real))
+    with_real = evaluate_split(setup, root, batch_size=4, real_labels=str(tmp_path / "real.json"))
+    assert with_real["top1"] == plain["top1"] and with_real["inference_rule"] == "cls_plus_aux"
+    ds_preds = []
+    from torch.utils.data import DataLoader
+
+    from tlvit.data.datasets import DenseLabelDataset, EvalGeometry
+    ds = DenseLabelDataset(root, "val", EvalGeometry(32, setup.crop_pct), setup.mean, setup.std)
+    with torch.no_grad():
+        for b in DataLoader(ds, batch_size=6):
+            o = setup.model.forward_train(b["image"])
+            ds_preds += (o.cls_logits + 0.5 * o.token_logits.max(1)[0]).argmax(1).tolist()
+    hits = [p in real[i] for i, p in enumerate(ds_preds) if real[i]]
+    assert with_real["real_top1"] == pytest.approx(100.0 * sum(hits) / len(hits))

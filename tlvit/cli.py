@@ -15,6 +15,7 @@ COMMANDS = {
     "bench": "tlvit.bench.cli",
     "deviations": "tlvit.deviations_cli",
     "tiny-imagenet": "tlvit.data.tiny_imagenet",
+    "eval": "tlvit.evaluate",
 }
 
 

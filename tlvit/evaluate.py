@@ -1,0 +1,156 @@
+"""`tlvit eval`: a checkpoint (this harness's own, or a released file) on an ImageFolder split, as the papers evaluate.
+
+A tlvit training checkpoint carries its resolved config: the model, the eval resize/crop and the weights the run
+reports (its EMA when it had one) come from there, so the numbers equal the run's own last validation. Any other
+file (the authors' LV-ViT or DeiT releases) is loaded through timm's pretrained-file path with the model's
+`pretrained_cfg` (input size, crop, interpolation, mean/std: the authors' evaluation settings).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from tlvit.data.datasets import DATA_STATS, DenseLabelDataset, EvalGeometry, index_split
+from tlvit.labels.annotator import inference_setup
+
+
+@dataclass
+class EvalSetup:
+    model: torch.nn.Module
+    img_size: int
+    crop_pct: float
+    mean: tuple
+    std: tuple
+    source: str  # "tlvit run <row> seed <k> (EMA)" or "file (timm pretrained_cfg of <model>)"
+
+
+def load_for_eval(checkpoint: str | Path, num_classes: int, model_name: str | None = None,
+                  data_kind: str = "imagefolder", img_size: int | None = None) -> EvalSetup:
+    """The model and its evaluation settings from a checkpoint file (see the module docstring); img_size: evaluate
+    at another resolution (the position grid resampled, as for a fine-tune)."""
+    from tlvit.models.build import build_model
+    from tlvit.models.lvvit import load_checkpoint_resized
+    from tlvit.train import reported_weights
+
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(ckpt, dict) and "config" in ckpt and "model" in ckpt:  # a tlvit run
+        cfg = ckpt["config"]
+        if model_name and model_name != cfg["model"]:
+            raise ValueError(f"{path}: a tlvit checkpoint of model {cfg['model']!r}, not {model_name!r}; drop --model")
+        cfg = dict(cfg, img_size=img_size or cfg["img_size"])
+        model = build_model(cfg, num_classes)
+        load_checkpoint_resized(model, reported_weights(ckpt))
+        mean, std = DATA_STATS[data_kind]
+        which = "EMA" if ckpt.get("ema") else "model"
+        return EvalSetup(model, cfg["img_size"], cfg.get("crop_pct", 1.0), mean, std,
+                         f"tlvit run {cfg.get('row')} seed {ckpt.get('seed')} epoch {ckpt.get('epoch')} ({which} weights)")
+    if not model_name:
+        raise ValueError(f"{path}: not a tlvit run checkpoint; name its architecture with --model (e.g. lvvit_s)")
+    import timm
+
+    import tlvit.models  # noqa: F401  (registers LV-ViT and tlvit's DeiT)
+
+    size = {"img_size": img_size} if img_size else {}
+    model = timm.create_model(model_name, pretrained=True, num_classes=num_classes,
+                              pretrained_cfg_overlay=dict(file=str(path), num_classes=num_classes), **size)
+    cfg = model.pretrained_cfg
+    return EvalSetup(model, img_size or cfg["input_size"][-1], cfg.get("crop_pct", 1.0), tuple(cfg["mean"]), tuple(cfg["std"]),
+                     f"file, timm pretrained_cfg of {model_name}")
+
+
+@torch.no_grad()
+def evaluate_split(setup: EvalSetup, root: str | Path, split: str = "val", *, batch_size: int = 64,
+                   device: str | None = None, real_labels: str | None = None, progress: bool = False) -> dict:
+    """Top-1/top-5 (%) of both inference rules where the model has an aux head (`cls_plus_aux` = cls + 0.5 max aux,
+    LV-ViT's; `cls` = class token alone), ImageNet-ReaL top-1/top-5 of the first rule with `real_labels` (a
+    real.json path, or "timm" for the copy timm ships; timm's RealLabelsImagenet), and throughput."""
+    from tqdm import tqdm
+
+    size = setup.img_size
+    ds = DenseLabelDataset(root, split, EvalGeometry(size, setup.crop_pct), setup.mean, setup.std,
+                           classes=index_split(root, "train")[2] if (Path(root) / "train").is_dir() else None)
+    dev, autocast, workers = inference_setup(device)
+    model = setup.model.eval().to(dev)
+    dense = getattr(model, "aux_head", None) is not None and hasattr(model, "forward_train")
+    modes = ("cls_plus_aux", "cls") if dense else ("cls",)
+    real = None  # timm's RealLabelsImagenet, made at the first batch (its top-k needs the class count)
+    correct = torch.zeros(len(modes), 2, dtype=torch.float64)
+    t0, seen = time.perf_counter(), 0
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, pin_memory=dev.type == "cuda")
+    for batch in tqdm(loader, desc=f"eval {split}", unit="batch", disable=not progress, leave=False):
+        x, y = batch["image"].to(dev, non_blocking=True), batch["label"].to(dev)
+        with autocast:
+            if dense:
+                out = model.forward_train(x)
+                logits = {"cls": out.cls_logits.float(),
+                          "cls_plus_aux": (out.cls_logits + 0.5 * out.token_logits.max(1)[0]).float()}
+            else:
+                logits = {"cls": (model.forward_train(x).cls_logits if hasattr(model, "forward_train") else model(x)).float()}
+        for j, m in enumerate(modes):
+            top5 = logits[m].topk(min(5, logits[m].shape[1]), 1).indices
+            correct[j, 0] += (top5[:, 0] == y).sum().item()
+            correct[j, 1] += (top5 == y[:, None]).any(1).sum().item()
+        if real_labels and real is None:
+            from timm.data import RealLabelsImagenet
+
+            topk = (1, 5) if logits[modes[0]].shape[1] >= 5 else (1,)
+            real = RealLabelsImagenet(ds.paths, None if real_labels == "timm" else real_labels, topk=topk)
+        if real is not None:
+            real.add_result(logits[modes[0]])
+        seen += len(x)
+    seconds = time.perf_counter() - t0
+    out = {"images": seen, "split": split, "img_size": size, "crop_pct": setup.crop_pct, "source": setup.source,
+           "inference_rule": modes[0], "images_per_s": round(seen / seconds, 1), "device": str(dev)}
+    for j, m in enumerate(modes):
+        suffix = "" if j == 0 else f"_{m}"
+        out[f"top1{suffix}"] = 100.0 * correct[j, 0].item() / seen
+        out[f"top5{suffix}"] = 100.0 * correct[j, 1].item() / seen
+    if real is not None:
+        out.update({f"real_top{k}": v for k, v in real.get_accuracy().items()})
+    return out
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a checkpoint (tlvit's or a released file) on an ImageFolder split",
+                       description=__doc__)
+    p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument("--data", required=True, type=Path, help="ImageFolder root: <data>/<split>/<class>/<image>")
+    p.add_argument("--split", default="val")
+    p.add_argument("--model", default=None, help="timm name for a file that is not a tlvit run (e.g. lvvit_s)")
+    p.add_argument("--img-size", type=int, default=None, help="default: the checkpoint's (its run, or pretrained_cfg)")
+    p.add_argument("--real-labels", default=None, help="ImageNet-ReaL: a real.json, or `timm` for timm's copy")
+    p.add_argument("--data-kind", choices=sorted(DATA_STATS), default=None,
+                   help="normalisation of a tlvit run (default: canvases for the embedded data, else imagefolder)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default=None, help="default: cuda when available (bf16)")
+    p.add_argument("--out", type=Path, default=None, help="also write the result as JSON here")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    import json
+    import sys
+
+    from tlvit.io import write_json
+
+    kind = args.data_kind or ("canvases" if (args.data / f"gt_maps_{args.split}.npz").is_file() else "imagefolder")
+    try:
+        classes = index_split(args.data, "train" if (args.data / "train").is_dir() else args.split)[2]
+        setup = load_for_eval(args.checkpoint, len(classes), args.model, kind, args.img_size)
+        result = evaluate_split(setup, args.data, args.split, batch_size=args.batch_size, device=args.device,
+                                real_labels=args.real_labels, progress=sys.stderr.isatty())
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    result = {"checkpoint": str(args.checkpoint), "data": str(args.data), **result}
+    if args.out:
+        write_json(args.out, result)
+    print(json.dumps(result, indent=1))
+    return 0
