@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -139,14 +140,16 @@ def test_one_row_end_to_end(slurm_env, tmp_path, monkeypatch):
 
 
 def test_failed_job_is_resubmitted_once_and_never_recorded_as_done(slurm_env, tmp_path, monkeypatch):
-    repo = make_tiny_repo(tmp_path / "repo", {"bad": {"model": "no_such_model"}}, epochs=1, per_class=8,
-                          launcher=slurm_launcher(tmp_path))
+    # a config error is refused before sbatch now (check_run_config): what fails on the node is the node's world,
+    # here a train split that is gone by the time the job starts
+    repo = make_tiny_repo(tmp_path / "repo", {"bad": {}}, epochs=1, per_class=8, launcher=slurm_launcher(tmp_path))
+    shutil.rmtree(repo / "images" / "train")
     t0 = time.time()
     (record,) = launch_rows(["bad"], workdir=repo)
     slurm_env.append(record.job_id)
     status = rec.wait(record, poll_s=1)
     timing("failing row: submit -> FAILED", time.time() - t0)
-    assert status.phase == "failed" and "no_such_model" in status.detail, status
+    assert status.phase == "failed" and "images/train" in status.detail, status
     assert "FAILED" in sacct_states(record.job_id, until="FAILED")
     monkeypatch.chdir(repo)  # the DVC stage: says so, resubmits (launcher.kind: slurm), fails again -> stage fails
     with pytest.raises(rec.LaunchError, match=r"resubmitted job \d+ ended FAILED"):
@@ -228,12 +231,14 @@ def test_launch_runs_stale_rows_together_and_dvc_repro_collects_them(slurm_env, 
     for row, r in records.items():
         line = next(line for line in final.splitlines() if line.startswith(row + " "))
         assert "up to date" in line and f"{r.job_id} COMPLETED" in line and re.search(r"[0-9a-f]{32}", line), final
-        assert re.search(r"\d+\.\d\d\s*$", line), final
+        assert re.search(rf"\d+\.\d\d\s+\S+/{r.job_id}_0_log\.err\s*$", line), final  # top-1, then the job's log
     from mlflow.tracking import MlflowClient  # one MLflow run per row, one point per epoch (none lost, none doubled)
 
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    everything = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    runs = [r for r in everything if "tlvit.mirror_of" not in r.data.tags]  # not the report's copies in other tables
     assert sorted(r.data.tags["row"] for r in runs) == rows
+    assert {r.data.tags["tlvit.mirror_of"] for r in everything if r not in runs} <= {r.info.run_id for r in runs}
     for r in runs:
         tags = r.data.tags  # array tasks: the array's id and the task's index (SLURM_JOB_ID is the task's own id)
         assert r.info.status == "FINISHED" and f"{tags['slurm_array_job_id']}_{tags['slurm_array_task_id']}" == records[tags["row"]].job_id
