@@ -256,7 +256,9 @@ def test_tlvit_eval_reads_imagenet_real_labels_through_timm(tmp_path):
     torch.manual_seed(0)
     net = timm.create_model("lvvit_t", num_classes=2, img_size=32).eval()
     ckpt = tmp_path / "lvvit_t.pth"
-    torch.save({"state_dict_ema": net.state_dict()}, ckpt)
+    import argparse
+
+    torch.save({"state_dict_ema": net.state_dict(), "args": argparse.Namespace(lr=1e-3)}, ckpt)  # as timm's train.py
     setup = load_for_eval(ckpt, 2, "lvvit_t", img_size=32)
     plain = evaluate_split(setup, root, batch_size=4)
     # real.json: image 1 accepts both classes, image 2 none (left out), the rest their folder's class

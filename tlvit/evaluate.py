@@ -7,6 +7,7 @@ file (the authors' LV-ViT or DeiT releases) is loaded through timm's pretrained-
 """
 from __future__ import annotations
 
+import argparse
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,9 @@ def load_for_eval(checkpoint: str | Path, num_classes: int, model_name: str | No
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    # weights only; released timm-trained files also hold their argparse.Namespace (`args`), as timm's loader allows
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(ckpt, dict) and "config" in ckpt and "model" in ckpt:  # a tlvit run
         cfg = ckpt["config"]
         if model_name and model_name != cfg["model"]:
