@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -92,12 +92,22 @@ def train_one_epoch(
             "images_per_s": seen / (time.time() - t0)}
 
 
+def inference_logits(model: nn.Module, x: torch.Tensor, modes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Logits [B, C] per inference mode: 'cls' (class token) and/or 'cls_plus_aux' (cls + 0.5 max aux, LV-ViT's).
+    A model without `forward_train` (any timm classifier) has 'cls' only: its plain output."""
+    if not hasattr(model, "forward_train"):
+        return {"cls": model(x)}
+    out = model.forward_train(x)
+    return {m: out.cls_logits if m == "cls" else out.cls_logits + 0.5 * out.token_logits.max(1)[0] for m in modes}
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device, modes: tuple[str, ...] = ("cls",),
-             amp_dtype: torch.dtype | None = None) -> dict:
+             amp_dtype: torch.dtype | None = None, on_logits: Callable[[torch.Tensor], None] | None = None) -> dict:
     """Top-1/top-5 (%) per inference mode: 'cls' (class token) and/or 'cls_plus_aux' (cls + 0.5 max aux).
 
-    The first mode gives the unsuffixed `top1`/`top5`; counts are summed over processes.
+    The first mode gives the unsuffixed `top1`/`top5`; counts are summed over processes. `on_logits` sees the
+    first mode's logits of every batch, in loader order (e.g. ImageNet-ReaL's scorer).
     """
     model.eval()
     counts = torch.zeros(len(modes), 2, dtype=torch.float64)
@@ -105,12 +115,13 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, modes: tu
     for batch in loader:
         x, y = batch["image"].to(device), batch["label"].to(device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            out = model.forward_train(x)
+            logits = inference_logits(model, x, modes)
         for j, m in enumerate(modes):
-            logits = out.cls_logits if m == "cls" else out.cls_logits + 0.5 * out.token_logits.max(1)[0]
-            top5 = logits.topk(min(5, logits.shape[1]), 1).indices
+            top5 = logits[m].topk(min(5, logits[m].shape[1]), 1).indices
             counts[j, 0] += (top5[:, 0] == y).sum().item()
             counts[j, 1] += (top5 == y[:, None]).any(1).sum().item()
+        if on_logits is not None:
+            on_logits(logits[modes[0]])
         total += len(x)
     all_reduce_sum(counts)
     all_reduce_sum(total)

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from tlvit.data.datasets import DATA_STATS, DenseLabelDataset, EvalGeometry, index_split
+from tlvit.engine import evaluate
 from tlvit.labels.annotator import inference_setup
 
 
@@ -79,42 +80,28 @@ def evaluate_split(setup: EvalSetup, root: str | Path, split: str = "val", *, ba
     size = setup.img_size
     ds = DenseLabelDataset(root, split, EvalGeometry(size, setup.crop_pct), setup.mean, setup.std,
                            classes=index_split(root, "train")[2] if (Path(root) / "train").is_dir() else None)
-    dev, autocast, workers = inference_setup(device)
+    dev, _, workers = inference_setup(device)  # a GPU in bf16 with loader workers when there is one
     model = setup.model.eval().to(dev)
-    dense = getattr(model, "aux_head", None) is not None and hasattr(model, "forward_train")
-    modes = ("cls_plus_aux", "cls") if dense else ("cls",)
+    modes = ("cls_plus_aux", "cls") if getattr(model, "aux_head", None) is not None else ("cls",)
     real = None  # timm's RealLabelsImagenet, made at the first batch (its top-k needs the class count)
-    correct = torch.zeros(len(modes), 2, dtype=torch.float64)
-    t0, seen = time.perf_counter(), 0
-    loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, pin_memory=dev.type == "cuda")
-    for batch in tqdm(loader, desc=f"eval {split}", unit="batch", disable=not progress, leave=False):
-        x, y = batch["image"].to(dev, non_blocking=True), batch["label"].to(dev)
-        with autocast:
-            if dense:
-                out = model.forward_train(x)
-                logits = {"cls": out.cls_logits.float(),
-                          "cls_plus_aux": (out.cls_logits + 0.5 * out.token_logits.max(1)[0]).float()}
-            else:
-                logits = {"cls": (model.forward_train(x).cls_logits if hasattr(model, "forward_train") else model(x)).float()}
-        for j, m in enumerate(modes):
-            top5 = logits[m].topk(min(5, logits[m].shape[1]), 1).indices
-            correct[j, 0] += (top5[:, 0] == y).sum().item()
-            correct[j, 1] += (top5 == y[:, None]).any(1).sum().item()
-        if real_labels and real is None:
+
+    def score_real(logits: torch.Tensor) -> None:
+        nonlocal real
+        if real is None:
             from timm.data import RealLabelsImagenet
 
-            topk = (1, 5) if logits[modes[0]].shape[1] >= 5 else (1,)
+            topk = (1, 5) if logits.shape[1] >= 5 else (1,)
             real = RealLabelsImagenet(ds.paths, None if real_labels == "timm" else real_labels, topk=topk)
-        if real is not None:
-            real.add_result(logits[modes[0]])
-        seen += len(x)
+        real.add_result(logits.float())
+
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, pin_memory=dev.type == "cuda")
+    batches = tqdm(loader, desc=f"eval {split}", unit="batch", disable=not progress, leave=False)
+    t0 = time.perf_counter()
+    stats = evaluate(model, batches, dev, modes, torch.bfloat16 if dev.type == "cuda" else None,
+                     on_logits=score_real if real_labels else None)
     seconds = time.perf_counter() - t0
-    out = {"images": seen, "split": split, "img_size": size, "crop_pct": setup.crop_pct, "source": setup.source,
-           "inference_rule": modes[0], "images_per_s": round(seen / seconds, 1), "device": str(dev)}
-    for j, m in enumerate(modes):
-        suffix = "" if j == 0 else f"_{m}"
-        out[f"top1{suffix}"] = 100.0 * correct[j, 0].item() / seen
-        out[f"top5{suffix}"] = 100.0 * correct[j, 1].item() / seen
+    out = {"images": len(ds), "split": split, "img_size": size, "crop_pct": setup.crop_pct, "source": setup.source,
+           "inference_rule": modes[0], "images_per_s": round(len(ds) / seconds, 1), "device": str(dev), **stats}
     if real is not None:
         out.update({f"real_top{k}": v for k, v in real.get_accuracy().items()})
     return out

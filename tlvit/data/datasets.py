@@ -116,6 +116,11 @@ class TrainGeometry:
         out = TF.resized_crop(img, top, left, h, w, [self.size, self.size], self._mode(), antialias=True)
         return out, crop_flip_theta((top, left, h, w), (img.height, img.width), False)
 
+    def _flip(self, img: Image.Image) -> tuple[Image.Image, torch.Tensor]:
+        flip = bool(torch.rand(()) < self.hflip)
+        theta = crop_flip_theta((0, 0, img.height, img.width), (img.height, img.width), flip)
+        return (TF.hflip(img) if flip else img), theta
+
     def _colour(self, img: Image.Image) -> tuple[Image.Image, torch.Tensor, torch.Tensor]:
         """RandAugment (theta and clips of its geometric ops) or colour jitter (identity) or nothing."""
         if self.rand_augment is not None:
@@ -126,24 +131,17 @@ class TrainGeometry:
 
     def __call__(self, img: Image.Image) -> tuple[Image.Image, torch.Tensor, torch.Tensor]:
         """(image, theta [2, 3], clips [K, 2, 3]); see tlvit.labels.geometry.resample_label_maps."""
+        # each theta maps its step's output to its input; composed, the output to the source image
         if self.order == "crop_flip_randaug":
-            top, left, h, w = RandomResizedCrop.get_params(img, list(self.scale), list(self.ratio))
-            flip = bool(torch.rand(()) < self.hflip)
-            out = TF.resized_crop(img, top, left, h, w, [self.size, self.size], self._mode(), antialias=True)
-            if flip:
-                out = TF.hflip(out)
-            theta = crop_flip_theta((top, left, h, w), (img.height, img.width), flip)
-            out, aug_theta, clips = self._colour(out)  # the crop lies inside the image: only RandAugment clips
-            return out, compose(aug_theta, theta).float(), clips.float()
-        # flip -> RandAugment -> crop, each theta mapping its output to its input: out -> crop -> aug -> flip -> source
-        flip = bool(torch.rand(()) < self.hflip)
-        theta = crop_flip_theta((0, 0, img.height, img.width), (img.height, img.width), flip)
-        if flip:
-            img = TF.hflip(img)
+            out, theta = self._crop(img)  # the crop lies inside the image: only RandAugment clips
+            out, flip_theta = self._flip(out)
+            out, aug_theta, clips = self._colour(out)
+            return out, compose(aug_theta, compose(flip_theta, theta)).float(), clips.float()
+        img, flip_theta = self._flip(img)
         img, aug_theta, clips = self._colour(img)
         out, crop_theta = self._crop(img)
         clips = torch.stack([compose(crop_theta, c) for c in clips])  # RandAugment's fill regions, seen from the crop
-        return out, compose(crop_theta, compose(aug_theta, theta)).float(), clips.float()
+        return out, compose(crop_theta, compose(aug_theta, flip_theta)).float(), clips.float()
 
 
 @dataclass

@@ -42,15 +42,34 @@ def dvc_status(rows: list[str], workdir: str | Path = ".", parents: dict[str, st
     """
     parents = parents or {}
     stages = {stage_name(r, parents): r for r in rows}
+    changed = changed_stages(list(stages), workdir)
+    stale = [row for stage, row in stages.items() if stage in changed]
+    upstream = [s for s in changed if not s.startswith((TRAIN_STAGE, FINETUNE_STAGE))]
+    return DvcStatus(stale, upstream)
+
+
+def changed_stages(stages: list[str], workdir: str | Path = ".") -> dict:
+    """`dvc status --json --with-deps` of `stages`: each stage that would run (these or upstream) -> its changes."""
     cmd = [sys.executable, "-m", "dvc", "status", "--json", "--with-deps", *stages]
     p = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True)
     if p.returncode != 0:
         raise RuntimeError(f"`dvc status` failed in {workdir} ({p.returncode}): {(p.stderr or p.stdout).strip()[-2000:]}")
     out = p.stdout.strip()
-    changed = json.loads(out[out.index("{"):]) if "{" in out else {}
-    stale = [row for stage, row in stages.items() if stage in changed]
-    upstream = [s for s in changed if not s.startswith((TRAIN_STAGE, FINETUNE_STAGE))]
-    return DvcStatus(stale, upstream)
+    return json.loads(out[out.index("{"):]) if "{" in out else {}
+
+
+def _launch_setup(workdir: str | Path, params_path: str | Path,
+                  launcher: LauncherConfig | None) -> tuple[Path, dict, LauncherConfig, int | None]:
+    """(workdir resolved, params, launcher, torch threads per job) after the checks every submission needs: a shared
+    job folder where nodes need one, and on Slurm a request some node can hold."""
+    workdir = Path(workdir).resolve()
+    params = load_params(workdir / params_path)
+    launcher = launcher or load_launcher_config(params, params_path=params_path)
+    check_shared(launcher, workdir)
+    if launcher.kind == "slurm":
+        check_fits_cluster(launcher.slurm)
+    threads = launcher.slurm.cpus_per_task if launcher.kind == "slurm" else None  # local kinds: torch default
+    return workdir, params, launcher, threads
 
 
 def launch_rows(rows: list[str], *, params_path: str | Path = "params.yaml", rows_path: str | Path = "experiments/rows.yaml",
@@ -61,12 +80,7 @@ def launch_rows(rows: list[str], *, params_path: str | Path = "params.yaml", row
     """
     from tlvit.provenance import git_commit
 
-    workdir = Path(workdir).resolve()
-    params = load_params(workdir / params_path)
-    launcher = launcher or load_launcher_config(params, params_path=params_path)
-    check_shared(launcher, workdir)
-    if launcher.kind == "slurm":
-        check_fits_cluster(launcher.slurm)
+    workdir, params, launcher, threads = _launch_setup(workdir, params_path, launcher)
     preset = params["preset"]
     layout = Layout(preset, workdir)
     from tlvit.train import check_run_config
@@ -82,7 +96,6 @@ def launch_rows(rows: list[str], *, params_path: str | Path = "params.yaml", row
         hashes[row] = config_hash(cfg)
     folder = launcher.folder_path(workdir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{preset}" / "%j"
     executor = make_executor(launcher, folder, name=f"tlvit-{preset}")
-    threads = launcher.slurm.cpus_per_task if launcher.kind == "slurm" else None  # local kinds: torch default
     jobs_in = [RowJob(row, str(workdir), str(params_path), str(rows_path), num_threads=threads) for row in rows]
     if launcher.kind != "local":  # one schema migration here, not one per concurrently starting job
         from tlvit.tracking import default_tracking_uri, prepare_store
@@ -117,24 +130,13 @@ def launch_scoremaps(num_shards: int, *, params_path: str | Path = "params.yaml"
     """
     if num_shards < 1:
         raise ConfigError(f"--scoremaps {num_shards}: give the number of shards (array tasks), at least 1")
-    workdir = Path(workdir).resolve()
-    params = load_params(workdir / params_path)
-    launcher = launcher or load_launcher_config(params, params_path=params_path)
-    check_shared(launcher, workdir)
-    if launcher.kind == "slurm":
-        check_fits_cluster(launcher.slurm)
-    p = subprocess.run([sys.executable, "-m", "dvc", "status", "--json", "--with-deps", "annotator"], cwd=workdir,
-                       capture_output=True, text=True)
-    if p.returncode != 0:
-        raise RuntimeError(f"`dvc status` failed in {workdir} ({p.returncode}): {(p.stderr or p.stdout).strip()[-2000:]}")
-    out = p.stdout.strip()
-    stale = sorted(json.loads(out[out.index("{"):]) if "{" in out else {})
+    workdir, params, launcher, threads = _launch_setup(workdir, params_path, launcher)
+    stale = sorted(changed_stages(["annotator"], workdir))
     if stale:
         raise ConfigError(f"stages {stale} must run before the score maps: `dvc repro {' '.join(stale)}`, then launch again")
     preset = params["preset"]
     folder = launcher.folder_path(workdir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{preset}-scoremaps" / "%j"
     executor = make_executor(launcher, folder, name=f"tlvit-{preset}-scoremaps")
-    threads = launcher.slurm.cpus_per_task if launcher.kind == "slurm" else None
     with executor.batch():
         jobs = [executor.submit(ScoreMapShardJob(i, num_shards, str(workdir), str(params_path), threads))
                 for i in range(num_shards)]
