@@ -229,3 +229,19 @@ def test_variants_of_embedded_take_its_row_analogs_unless_they_set_their_own():
     assert "variant_of" not in full  # where the analogs come from is not part of the run's config
     ft = resolve_run_config(params, "lvvit_s_token_labeling_384", preset="embedded-full", rows_path=rows)
     assert ft["img_size"] == 112 and ft["epochs"] == 2  # embedded's analog, the variant's own epochs
+
+
+def test_every_headline_claim_names_rows_that_resolve_under_every_embedded_preset():
+    """experiments/headline.yaml (the pre-registered claims): each pair's rows exist and build a config."""
+    import yaml
+
+    from tlvit.config import load_params, resolve_run_config
+
+    spec = yaml.safe_load(open("experiments/headline.yaml"))
+    params = load_params("params.yaml")
+    assert len(spec["claims"]) == 5 and spec["criteria"]["seeds"] >= 5
+    for claim in spec["claims"]:
+        for better, worse in claim["pairs"]:
+            for row in (better, worse):
+                for preset in ("embedded", "embedded-tune"):
+                    assert resolve_run_config(params, row, preset=preset)["row"] == row

@@ -53,3 +53,49 @@ def test_batch_size_is_the_global_batch():
     assert process_batch({"batch_size": 1024}, 8) == 128 and process_batch({"batch_size": 1024}, 1) == 1024
     with pytest.raises(ValueError, match="global batch and must split evenly over the 3 processes"):
         process_batch({"batch_size": 1024, "row": "r"}, 3)
+
+
+def _eval_rank(rank: int, world: int, port: int, argv: list) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from tlvit.cli import main
+
+    assert main(argv) == 0
+    torch.distributed.destroy_process_group()
+
+
+def test_tlvit_eval_over_two_gloo_processes_matches_one(tmp_path):
+    """`tlvit eval` under torchrun: each process scores a shard; the summed top-1/top-5 and ImageNet-ReaL top-1
+    equal one process's (ReaL's left-out images included: they must not count in any shard)."""
+    import argparse
+    import json
+
+    import numpy as np
+    import timm
+    from PIL import Image
+
+    from tlvit.evaluate import evaluate_split, load_for_eval
+
+    root, rng = tmp_path / "inet", np.random.default_rng(1)
+    for split, n in (("train", 1), ("val", 5)):
+        for c, wnid in enumerate(("n01", "n02")):
+            (root / split / wnid).mkdir(parents=True)
+            for i in range(n):
+                name = f"ILSVRC2012_val_{c * n + i + 1:08d}.JPEG" if split == "val" else f"{wnid}_{i}.JPEG"
+                Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(root / split / wnid / name)
+    (tmp_path / "real.json").write_text(json.dumps([[0, 1], [], [0], [1], [1], [0], [1], [], [1], [0]]))
+    torch.manual_seed(0)
+    ckpt = tmp_path / "lvvit_t.pth"
+    torch.save({"state_dict_ema": timm.create_model("lvvit_t", num_classes=2, img_size=32).state_dict(),
+                "args": argparse.Namespace(lr=1e-3)}, ckpt)
+    one = evaluate_split(load_for_eval(ckpt, 2, "lvvit_t", img_size=32), root, batch_size=2, device="cpu",
+                         real_labels=str(tmp_path / "real.json"))
+    argv = ["eval", "--checkpoint", str(ckpt), "--model", "lvvit_t", "--img-size", "32", "--data", str(root),
+            "--batch-size", "2", "--device", "cpu", "--real-labels", str(tmp_path / "real.json"), "--no-track",
+            "--out", str(tmp_path / "two.json")]
+    mp.start_processes(_eval_rank, args=(2, free_port(), argv), nprocs=2, start_method="spawn")
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert two["processes"] == 2 and one["processes"] == 1
+    for k in ("top1", "top5", "top1_cls", "real_top1"):
+        assert two[k] == pytest.approx(one[k], abs=1e-9), k

@@ -23,3 +23,13 @@ def test_core_modules_import_without_dvc_mlflow_submitit(tmp_path):
     p = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": str(tmp_path), "PATH": ""},
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
+
+
+def test_import_tlvit_alone_registers_the_models_with_timm():
+    # a fresh interpreter: nothing but `import tlvit` may have registered them
+    code = ("import timm, tlvit\n"
+            "m = timm.create_model('lvvit_s', pretrained=False)\n"
+            "assert type(m).__name__ == 'LvViT', type(m)\n"
+            "assert m.pretrained_cfg['crop_pct'] == 0.9 and timm.create_model('tlvit_deit_tiny_patch16_224').num_classes == 1000\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr

@@ -26,7 +26,8 @@ def test_smoke_repro_end_to_end(smoke_repo, tmp_path):
     assert "data:" in status and "train@lvvit_s_token_labeling:" in status
     first = sh(["dvc", "repro"], repo, dict(env, TLVIT_RECORD_IMPORTS=str(tmp_path / "imports")))
     stages = ran_stages(first.stdout)
-    assert {"data", "annotator", "scoremaps", "train@lvvit_s_baseline", "train@lvvit_s_token_labeling", "report"} <= set(stages)
+    assert {"data", "annotator", "scoremaps", "train@lvvit_s_baseline", "train@lvvit_s_token_labeling", "checkpoints", "reeval",
+            "report"} <= set(stages)
 
     # every repository module a stage loaded is one of its deps, so editing it re-runs the stage
     import yaml
@@ -58,6 +59,12 @@ def test_smoke_repro_end_to_end(smoke_repo, tmp_path):
     with Image.open(repo / "reports" / "smoke" / "figures" / "lvvit_table3.png") as img:
         assert img.size[0] > 300 and img.size[1] > 200
     assert "lvvit_table3.md" in (repo / "reports" / "smoke" / "README.md").read_text()
+    # stage `reeval`: each row's checkpoint scored again by `tlvit eval` gives its training-time top-1 exactly
+    record = json.loads((repo / "metrics" / "smoke" / "reeval.json").read_text())
+    assert {r["id"] for r in record["rows"]} == {"lvvit_s_baseline", "lvvit_s_token_labeling"}
+    for r in record["rows"]:
+        assert r["status"] == "evaluated" and r["top1"] == r["trained_top1"] and r["gmacs"] > 0, r
+    assert "| +0.00 |" in (repo / "reports" / "smoke" / "checkpoints.md").read_text()
 
     # MLflow holds both runs with params and one metric point per epoch
     from mlflow.tracking import MlflowClient
@@ -104,7 +111,7 @@ def test_smoke_repro_end_to_end(smoke_repo, tmp_path):
     rows_yaml = repo / "experiments" / "rows.yaml"
     rows_yaml.write_text(rows_yaml.read_text().replace("    supervision.kind: ce\n", "    supervision.kind: ce\n    label_smoothing: 0.2\n"))
     third = sh(["dvc", "repro"], repo, env)
-    assert sorted(ran_stages(third.stdout)) == ["report", "train@lvvit_s_baseline"]
+    assert sorted(ran_stages(third.stdout)) == ["reeval", "report", "train@lvvit_s_baseline"]
 
 
 def test_unknown_row_fails_clearly_and_keeps_outputs(smoke_repo):
@@ -137,7 +144,8 @@ def test_tiny_imagenet_runs_the_imagenet_recipe_end_to_end(tmp_path_factory):
     repo, env = committed_copy(tmp_path_factory.mktemp("tiny"), lambda text: set_preset(text, "tiny-imagenet"))
     sh(["tlvit", "tiny-imagenet"], repo, env)
     stages = ran_stages(sh(["dvc", "repro"], repo, env).stdout)
-    assert {"data", "annotator", "scoremaps", "train@lvvit_s_baseline", "train@lvvit_s_token_labeling", "report"} <= set(stages)
+    assert {"data", "annotator", "scoremaps", "train@lvvit_s_baseline", "train@lvvit_s_token_labeling", "checkpoints",
+            "report"} <= set(stages)
     dataset = json.loads((repo / "data" / "tiny-imagenet" / "dataset.json").read_text())
     assert dataset["kind"] == "imagefolder" and dataset["splits"] == {"train": 40, "val": 20}
     # the store covers each whole image: its index keeps the (non-square) sizes the crops are fractions of
@@ -145,6 +153,9 @@ def test_tiny_imagenet_runs_the_imagenet_recipe_end_to_end(tmp_path_factory):
     assert any(w != h for w, h in index["sizes"])
     readme = (repo / "reports" / "tiny-imagenet" / "README.md").read_text()
     assert "**Subset run** (classes 5 < 1,000" in readme
+    # no released file in the folder: every checkpoint row says so, with the paper's numbers and none measured
+    released = json.loads((repo / "metrics" / "tiny-imagenet" / "checkpoints.json").read_text())["rows"]
+    assert released and all(r["status"].startswith("not downloaded") and "top1" not in r for r in released)
     metrics = json.loads((repo / "metrics" / "tiny-imagenet" / "rows" / "lvvit_s_token_labeling.json").read_text())
     assert metrics["runs"][0]["seed"] == 42 and metrics["runs"][0]["top1"] is not None
     from mlflow.tracking import MlflowClient

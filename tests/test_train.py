@@ -214,21 +214,29 @@ def test_a_second_trainer_on_the_same_run_folder_stops(tiny_data, tmp_path):
     assert train(tiny_cfg("ce", epochs=1), 0, run, tiny_data, tracking=False, show_progress=False)["complete"]
 
 
-def test_tlvit_eval_gives_a_runs_own_last_validation_exactly(tiny_data, tmp_path, capsys):
+def test_tlvit_eval_gives_a_runs_own_last_validation_exactly(tiny_data, tmp_path, capsys, monkeypatch):
     """`tlvit eval` on a training checkpoint: the run's model, crop and reported (EMA) weights, so both inference
-    rules' numbers equal what training logged for its last epoch."""
+    rules' numbers equal what training logged for its last epoch; the evaluation is an MLflow run of its own."""
     import json
+
+    from mlflow.tracking import MlflowClient
 
     from tlvit.cli import main
 
     res = train(tiny_cfg("token_labeling", mix_token=True, epochs=2), 0, tmp_path / "run", tiny_data, tracking=False,
                 show_progress=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     out = tmp_path / "eval.json"
     assert main(["eval", "--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--data", str(tiny_data.data_root),
-                 "--batch-size", "256", "--out", str(out)]) == 0
+                 "--batch-size", "256", "--out", str(out), "--record-dir", str(tmp_path / "record")]) == 0
     got = json.loads(out.read_text())
     assert got["top1"] == res["top1"] and got["top1_cls"] == res["top1_cls_only"] and got["top5"] == res["top5"]
     assert got["inference_rule"] == "cls_plus_aux" and got["images"] == 32 and "EMA weights" in got["source"]
+    run = MlflowClient(uri).get_run(got["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.metrics["top1"] == pytest.approx(res["top1"])
+    assert run.data.params["split"] == "val" and run.data.tags["kind"] == "eval"
+    assert MlflowClient(uri).get_experiment(run.info.experiment_id).name == "tlvit-eval"
     assert main(["eval", "--checkpoint", str(tmp_path / "none.pt"), "--data", str(tiny_data.data_root)]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
 

@@ -16,6 +16,7 @@ COMMANDS = {
     "deviations": "tlvit.deviations_cli",
     "tiny-imagenet": "tlvit.data.tiny_imagenet",
     "eval": "tlvit.evaluate",
+    "tune": "tlvit.tune",
 }
 
 

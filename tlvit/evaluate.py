@@ -8,6 +8,7 @@ file (the authors' LV-ViT or DeiT releases) is loaded through timm's pretrained-
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,15 +75,25 @@ def evaluate_split(setup: EvalSetup, root: str | Path, split: str = "val", *, ba
                    device: str | None = None, real_labels: str | None = None, progress: bool = False) -> dict:
     """Top-1/top-5 (%) of both inference rules where the model has an aux head (`cls_plus_aux` = cls + 0.5 max aux,
     LV-ViT's; `cls` = class token alone), ImageNet-ReaL top-1/top-5 of the first rule with `real_labels` (a
-    real.json path, or "timm" for the copy timm ships; timm's RealLabelsImagenet), and throughput."""
+    real.json path, or "timm" for the copy timm ships; timm's RealLabelsImagenet), and throughput.
+
+    Under torchrun (or a Slurm job of several tasks) each process scores every world-th image and the counts
+    are summed, so the result equals one process's."""
     from tqdm import tqdm
 
+    from tlvit.distributed import all_reduce_sum, init_distributed
+    from tlvit.samplers import ShardSampler
+
+    env = init_distributed()
     size = setup.img_size
     ds = DenseLabelDataset(root, split, EvalGeometry(size, setup.crop_pct), setup.mean, setup.std,
                            classes=index_split(root, "train")[2] if (Path(root) / "train").is_dir() else None)
+    if device is None and env.enabled and torch.cuda.is_available():
+        device = f"cuda:{env.local_rank}"
     dev, _, workers = inference_setup(device)  # a GPU in bf16 with loader workers when there is one
     model = setup.model.eval().to(dev)
     modes = ("cls_plus_aux", "cls") if getattr(model, "aux_head", None) is not None else ("cls",)
+    sampler = ShardSampler(len(ds), env)
     real = None  # timm's RealLabelsImagenet, made at the first batch (its top-k needs the class count)
 
     def score_real(logits: torch.Tensor) -> None:
@@ -92,19 +103,45 @@ def evaluate_split(setup: EvalSetup, root: str | Path, split: str = "val", *, ba
 
             topk = (1, 5) if logits.shape[1] >= 5 else (1,)
             real = RealLabelsImagenet(ds.paths, None if real_labels == "timm" else real_labels, topk=topk)
+            real.filenames = [ds.paths[i] for i in sampler.idx]  # this process's shard, in loader order
         real.add_result(logits.float())
 
-    loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, pin_memory=dev.type == "cuda")
-    batches = tqdm(loader, desc=f"eval {split}", unit="batch", disable=not progress, leave=False)
+    loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=dev.type == "cuda")
+    batches = tqdm(loader, desc=f"eval {split}", unit="batch", disable=not (progress and env.is_main), leave=False)
     t0 = time.perf_counter()
     stats = evaluate(model, batches, dev, modes, torch.bfloat16 if dev.type == "cuda" else None,
                      on_logits=score_real if real_labels else None)
     seconds = time.perf_counter() - t0
     out = {"images": len(ds), "split": split, "img_size": size, "crop_pct": setup.crop_pct, "source": setup.source,
-           "inference_rule": modes[0], "images_per_s": round(len(ds) / seconds, 1), "device": str(dev), **stats}
-    if real is not None:
-        out.update({f"real_top{k}": v for k, v in real.get_accuracy().items()})
+           "inference_rule": modes[0], "images_per_s": round(len(ds) / seconds, 1), "device": str(dev),
+           "processes": env.world_size, **stats}
+    if real_labels:
+        topk = real.topk if real is not None else (1, 5)
+        # correct and scored images per k, summed over processes (ReaL leaves out images without a real label)
+        sums = torch.tensor([[sum(real.is_correct[k]), len(real.is_correct[k])] if real else [0, 0] for k in topk],
+                            dtype=torch.float64)
+        all_reduce_sum(sums)
+        out.update({f"real_top{k}": 100.0 * c.item() / n.item() for k, (c, n) in zip(topk, sums) if n.item()})
     return out
+
+
+def log_to_mlflow(result: dict, record_dir: Path) -> str | None:
+    """One MLflow run per evaluation, in the experiment `tlvit-eval` (its settings as params, its numbers as
+    metrics, commit and versions as tags), buffered in `record_dir` while the store is unreachable, like a
+    training run's (`tlvit sync` sends it later)."""
+    from tlvit.provenance import git_commit, versions
+    from tlvit.tracking import open_tracker
+
+    params = {k: result[k] for k in ("checkpoint", "data", "split", "img_size", "crop_pct", "source", "inference_rule",
+                                     "processes", "device") if k in result}
+    metrics = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+               and k not in params}
+    name = f"eval {Path(result['checkpoint']).name} {result['split']}@{result['img_size']}"
+    tracker = open_tracker(record_dir, "tlvit-eval", name, params, {"git_commit": git_commit(), **versions(),
+                                                                     "kind": "eval"})
+    tracker.log_metrics(metrics, step=0)
+    tracker.finish("FINISHED")
+    return tracker.run_id
 
 
 def add_parser(sub) -> None:
@@ -121,6 +158,9 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default=None, help="default: cuda when available (bf16)")
     p.add_argument("--out", type=Path, default=None, help="also write the result as JSON here")
+    p.add_argument("--record-dir", type=Path, default=None,
+                   help="the MLflow record folder (run id, offline buffer); default: runs/eval/<time>-<checkpoint>")
+    p.add_argument("--no-track", action="store_true", help="do not log the evaluation to MLflow")
     p.set_defaults(func=_run)
 
 
@@ -140,6 +180,11 @@ def _run(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     result = {"checkpoint": str(args.checkpoint), "data": str(args.data), **result}
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # every process holds the summed result; the first one reports it
+    if not args.no_track:
+        record = args.record_dir or Path("runs") / "eval" / f"{time.strftime('%Y%m%d-%H%M%S')}-{args.checkpoint.stem}"
+        result["mlflow_run_id"] = log_to_mlflow(result, record)
     if args.out:
         write_json(args.out, result)
     print(json.dumps(result, indent=1))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 from pathlib import Path
 
@@ -94,6 +95,21 @@ def build_report(params: dict, *, tables_dir: str | Path = TABLES_DIR, rows_path
     dev = deviations_frame(results)
     write_text(out / "deviations.md", render_deviations(dev, layout.preset) + render_recipe_conflicts(layout.preset))
     write_text(out / "deviations.csv", dev.to_csv(index=False))
+    # stages `checkpoints` (released files) and `reeval` (the rows' own checkpoints evaluated again)
+    records = [json.loads(f.read_text()) for f in (layout.metrics_dir / "checkpoints.json", layout.metrics_dir / "reeval.json")
+               if f.is_file()]
+    if records:
+        from tlvit.report.checkpoints import render_checkpoint_table
+
+        write_text(out / "checkpoints.md", "\n".join(render_checkpoint_table(rec) for rec in records))
+        counts = {rec["source"]: (sum(r.get("status") == "evaluated" for r in rec["rows"]), len(rec["rows"])) for rec in records}
+        parts = []
+        if "released" in counts:
+            parts.append(f"{counts['released'][0]} of {counts['released'][1]} released checkpoints evaluated (paper vs "
+                         "measured; params and GFLOPs as built for all)")
+        if "rows" in counts:
+            parts.append(f"{counts['rows'][0]} of {counts['rows'][1]} trained rows evaluated again with `tlvit eval`")
+        index.append(f"\n## Checkpoints\n\n[checkpoints.md](checkpoints.md): {'; '.join(parts)}.")
     measured = int((dev["pairs"] > 0).sum())
     index.append(f"\n## Deviations from the authors' code\n\n[deviations.md](deviations.md) ([CSV](deviations.csv)): "
                  f"{measured} of the {len(dev)} switches that change training measured with paired seeds.")
