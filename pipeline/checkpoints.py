@@ -8,7 +8,7 @@ import argparse
 import datetime as dt
 
 from pipeline import run_stage
-from tlvit.checkpoint_eval import load_released, measure_released
+from tlvit.checkpoint_eval import load_released, measure_released, render_checkpoint_table
 from tlvit.config import load_params, preset_section
 from tlvit.io import write_json
 from tlvit.layout import Layout
@@ -28,9 +28,10 @@ def main(argv=None) -> None:
     imagenet = data["kind"] == "imagefolder"
     rows = measure_released(load_released(args.checkpoints), section["dir"], data["root"] if imagenet else None,
                             real_labels=section.get("real_labels"), batch_size=section["batch_size"])
-    write_json(layout.metrics_dir / "checkpoints.json",
-               {"preset": params["preset"], "source": "released", "dir": section["dir"], "data": str(data["root"]),
-                "commit": git_commit(), "date": dt.date.today().isoformat(), "rows": rows})
+    record = {"preset": params["preset"], "source": "released", "dir": section["dir"], "data": str(data["root"]),
+              "commit": git_commit(), "date": dt.date.today().isoformat(), "rows": rows}
+    write_json(layout.metrics_dir / "checkpoints.json", record)
+    print(render_checkpoint_table(record))  # also in reports/<preset>/checkpoints.md once the report stage runs
     done = sum(r["status"] == "evaluated" for r in rows)
     print(f"checkpoints: {done} of {len(rows)} released checkpoints evaluated -> {layout.metrics_dir / 'checkpoints.json'}")
 

@@ -49,7 +49,9 @@ def test_imagenet_preset_names_the_missing_dataset(tmp_path, monkeypatch):
     from pipeline.data import main
 
     params = tmp_path / "params.yaml"
-    text = PARAMS.read_text().replace("preset: embedded", "preset: imagenet", 1)
+    from tlvit.config import select_preset
+
+    text = select_preset(PARAMS.read_text(), "imagenet")
     params.write_text(text.replace("root: /datasets/imagenet", f"root: {tmp_path}/imagenet"))
     monkeypatch.chdir(tmp_path)
     with pytest.raises(Exception, match=rf"{tmp_path}/imagenet/train: dataset split not found.*data.root"):
@@ -68,7 +70,9 @@ def test_imagenet_dataset_json_carries_a_digest_of_the_listing(tmp_path, monkeyp
     images = make_imagefolder(tmp_path / "imagenet")
     shutil.copytree(images / "train", images / "val")
     params = tmp_path / "params.yaml"
-    text = PARAMS.read_text().replace("preset: embedded", "preset: imagenet", 1)
+    from tlvit.config import select_preset
+
+    text = select_preset(PARAMS.read_text(), "imagenet")
     params.write_text(text.replace("root: /datasets/imagenet", f"root: {images}"))
     monkeypatch.chdir(tmp_path)
 
@@ -245,3 +249,72 @@ def test_every_headline_claim_names_rows_that_resolve_under_every_embedded_prese
             for row in (better, worse):
                 for preset in ("embedded", "embedded-tune"):
                     assert resolve_run_config(params, row, preset=preset)["row"] == row
+
+
+@pytest.mark.parametrize("name", ["params.yaml", "experiments/rows.yaml"])
+def test_dvc_exp_run_set_param_round_trips_both_files(tmp_path, name):
+    """`dvc exp run -S` writes the file back through DVC's own `apply_overrides` (ruamel): with no override it
+    leaves it byte-identical (no merges to expand, lists and comments as DVC writes them), and a value set is
+    the only change, and is kept (an alias of its node further down would silently restore the old value)."""
+    import difflib
+
+    from dvc.utils.hydra import apply_overrides
+
+    from tlvit.config import load_params, resolve_run_config
+
+    original = (REPO / name).read_text()
+    path = tmp_path / Path(name).name
+    path.write_text(original)
+    apply_overrides(path, [])
+    assert path.read_text() == original
+    if name == "params.yaml":
+        apply_overrides(path, ["presets.embedded.data.train=4000", "presets.embedded.train.epochs=20"])
+        params = load_params(path)
+        assert params["presets"]["embedded"]["data"]["train"] == 4000
+        assert params["presets"]["embedded-full"]["data"]["train"] == 4000  # a variant takes its base's values
+        assert params["presets"]["smoke"]["data"]["train"] == 600  # unless it sets its own
+        assert params["presets"]["embedded-tune"]["train"]["epochs"] == 20
+    else:
+        apply_overrides(path, ["+lvvit_s_baseline.overrides.augment.mix=cutmix",
+                               "+lvvit_s_token_labeling.overrides.augment.mix_token=false"])  # beats the dotted key above it
+        cfg = resolve_run_config(load_params(REPO / "params.yaml"), "lvvit_s_baseline", rows_path=path)
+        assert cfg["augment"]["mix"] == "cutmix" and cfg["augment"]["mix_token"] is False
+        tl = resolve_run_config(load_params(REPO / "params.yaml"), "lvvit_s_token_labeling", rows_path=path)
+        assert tl["augment"]["mix_token"] is False
+    changed = [line for line in difflib.unified_diff(original.splitlines(), path.read_text().splitlines(), n=0)
+               if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+    assert 1 <= len(changed) <= 4, changed
+
+
+def test_the_chosen_preset_names_its_base_and_tlvit_preset_sets_both(tmp_path):
+    from tlvit.cli import main
+    from tlvit.config import ConfigError, load_params
+
+    path = tmp_path / "params.yaml"
+    text = (REPO / "params.yaml").read_text()
+    path.write_text(text.replace("\npreset: embedded\n", "\npreset: tiny-imagenet\n", 1))
+    with pytest.raises(ConfigError, match="is a variant of 'imagenet': set `base: imagenet`"):
+        load_params(path)
+    path.write_text(text.replace("\npreset: embedded\n", "\npreset: imagenet\n", 1))
+    with pytest.raises(ConfigError, match="'imagenet' is no variant: set `base: imagenet`"):
+        load_params(path)
+    assert main(["preset", "embedded-full", "--params", str(path)]) == 0
+    assert (load_params(path)["preset"], load_params(path)["base"]) == ("embedded-full", "embedded")
+    assert main(["preset", "imagenet", "--params", str(path)]) == 0
+    assert load_params(path)["base"] == "imagenet"
+    assert main(["preset", "tiny-imagenet", "--params", str(path)]) == 0
+    assert load_params(path)["base"] == "imagenet"
+
+
+def test_read_yaml_sees_every_edit_and_hands_out_copies(tmp_path):
+    """Parsed once per content (collecting a row resolved rows.yaml ~50 times): an edit of the same size right
+    after the first read is seen, and a caller mutating the result does not change the next read."""
+    from tlvit.config import read_yaml
+
+    f = tmp_path / "rows.yaml"
+    f.write_text("a: {x: 1}\n")
+    first = read_yaml(f)
+    first["a"]["x"] = 99
+    assert read_yaml(f) == {"a": {"x": 1}}
+    f.write_text("a: {x: 2}\n")
+    assert read_yaml(f) == {"a": {"x": 2}}

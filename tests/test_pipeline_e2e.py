@@ -96,9 +96,15 @@ def test_smoke_repro_end_to_end(smoke_repo, tmp_path):
     html = (tmp_path / "plots" / "index.html").read_text()
     assert "metrics/smoke/curves/lvvit_s_baseline.csv" in html and "ema_val_top1" in html
 
-    # a second repro runs nothing
+    # a second repro runs nothing; editing a row's description (a YAML comment) re-trains nothing (the report,
+    # which reads the whole file, re-renders)
     second = sh(["dvc", "repro"], repo, env)
     assert ran_stages(second.stdout) == []
+    rows_yaml = repo / "experiments" / "rows.yaml"
+    described = "  # LV-ViT-S architecture (16 blocks"
+    assert described in rows_yaml.read_text()
+    rows_yaml.write_text(rows_yaml.read_text().replace(described, "  # Reworded: LV-ViT-S architecture (16 blocks", 1))
+    assert ran_stages(sh(["dvc", "repro"], repo, env).stdout) == ["report"]
 
     # the annotator re-run alone writes byte-identical outputs (its timings go to the metrics file only), so
     # neither the score maps nor a row re-run; the report does, as it quotes the annotator's training time
@@ -108,7 +114,6 @@ def test_smoke_repro_end_to_end(smoke_repo, tmp_path):
     assert speeds and all(v > 0 for v in speeds)
 
     # changing one row re-runs only that row and the report
-    rows_yaml = repo / "experiments" / "rows.yaml"
     rows_yaml.write_text(rows_yaml.read_text().replace("    supervision.kind: ce\n", "    supervision.kind: ce\n    label_smoothing: 0.2\n"))
     third = sh(["dvc", "repro"], repo, env)
     assert sorted(ran_stages(third.stdout)) == ["reeval", "report", "train@lvvit_s_baseline"]
@@ -120,8 +125,9 @@ def test_unknown_row_fails_clearly_and_keeps_outputs(smoke_repo):
         pytest.skip("needs the end-to-end run above")
     params = repo / "params.yaml"
     original = params.read_text()
-    params.write_text(original.replace("rows: [lvvit_s_baseline, lvvit_s_token_labeling]",
-                                       "rows: [lvvit_s_baseline, lvvit_s_token_labeling, no_such_row]"))
+    listed = "rows:\n- lvvit_s_baseline\n- lvvit_s_token_labeling\n"
+    assert listed in original
+    params.write_text(original.replace(listed, listed + "- no_such_row\n"))
     try:
         p = sh(["dvc", "repro"], repo, env, check=False)
         assert p.returncode != 0

@@ -24,7 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 PARAMS, ROWS, TABLES = REPO / "params.yaml", REPO / "experiments" / "rows.yaml", REPO / "experiments" / "tables"
 EXPECTED_TABLES = {f"lvvit_table{i}" for i in range(3, 10)} | {f"tlalign_table{i}" for i in (1, 2, 7, 8)}
 # Two row ids, one config: on `imagenet` the preset recipe already has RandAugment + erasing (LV-ViT Table 7).
-EXPECTED_DUPLICATES = {"imagenet": [{"lvvit_s_token_labeling", "lvvit_s_tl_aug"}]}
+EXPECTED_DUPLICATES = {"imagenet": [{"lvvit_s_token_labeling", "lvvit_s_tl_aug"},
+                                  # the headline decomposition row is Table 7's where the preset has both augmentations
+                                  {"lvvit_s_token_labeling_no_mixtoken", "lvvit_s_tl_aug_no_mixtoken"}]}
 
 
 # ------------------------------------------------------------------------------------------ tables as data
@@ -106,9 +108,12 @@ def test_experiment_for_row_one_experiment_per_table():
 def test_set_rows_in_params_keeps_the_rest(tmp_path):
     text = "# head\npreset: embedded\nrows: [a, b]  \nlauncher:\n  kind: local\n"
     out = set_rows_in_params(text, ["x", "y", "z"])
-    assert out == "# head\npreset: embedded\nrows: [x, y, z]\nlauncher:\n  kind: local\n"
+    assert out == "# head\npreset: embedded\nrows:\n- x\n- y\n- z\nlauncher:\n  kind: local\n"
     block = "preset: embedded\nrows:\n  - a\n  - b\nlauncher: {}\n"
-    assert set_rows_in_params(block, ["x"]) == "preset: embedded\nrows: [x]\nlauncher: {}\n"
+    assert set_rows_in_params(block, ["x"]) == "preset: embedded\nrows:\n- x\nlauncher: {}\n"
+    # the form `dvc exp run -S` writes (a list at column 0) is replaced whole
+    assert set_rows_in_params("preset: e\nrows:\n- a\n- b\nlauncher: {}\n", ["y", "z"]) == \
+        "preset: e\nrows:\n- y\n- z\nlauncher: {}\n"
 
 
 def test_rows_cli_writes_params(tmp_path):
@@ -131,16 +136,16 @@ def test_rows_cli_writes_params(tmp_path):
     assert list(pipeline_rows(written)) == [r for r in expected if r not in written["finetunes"]] + list(written["finetunes"])
     assert sorted(pipeline_rows(written)) == sorted(expected)
     assert written["finetunes"] == {"lvvit_s_token_labeling_384": "lvvit_s_token_labeling", "deit_b_tlalign": "deit_b_mixup_cutmix"}
-    strip = lambda text, p: text.replace(f"rows: [{', '.join(p['rows'])}]", "").replace(  # noqa: E731
+    strip = lambda text, p: text.replace("rows:" + "".join(f"\n- {r}" for r in p["rows"]), "").replace(  # noqa: E731
         "finetunes: {" + ", ".join(f"{k}: {v}" for k, v in p["finetunes"].items()) + "}", "")
     assert strip(params.read_text(), written) == strip(PARAMS.read_text(), load_params(PARAMS))
 
 
 def test_set_finetunes_in_params_added_when_missing():
     out = set_rows_in_params("preset: e\nrows: [a]\nlauncher: {}\n", ["a"], {"b": "a"})
-    assert out == "preset: e\nrows: [a]\nfinetunes: {b: a}\nlauncher: {}\n"
+    assert out == "preset: e\nrows:\n- a\nfinetunes: {b: a}\nlauncher: {}\n"
     block = "rows: [a]\nfinetunes:\n  x: a\nlauncher: {}\n"
-    assert set_rows_in_params(block, ["a", "c"], {"d": "c"}) == "rows: [a, c]\nfinetunes: {d: c}\nlauncher: {}\n"
+    assert set_rows_in_params(block, ["a", "c"], {"d": "c"}) == "rows:\n- a\n- c\nfinetunes: {d: c}\nlauncher: {}\n"
 
 
 # ------------------------------------------------------------------------------------------ statistics

@@ -215,7 +215,7 @@ def test_launch_runs_stale_rows_together_and_dvc_repro_collects_them(slurm_env, 
     timing("launch+repro: dvc repro (waits for both jobs, collects, report)", time.time() - t1)
     timing("launch+repro: tlvit launch -> dvc repro done", time.time() - t0)
     log = repro.stdout + repro.stderr
-    assert sorted(ran_stages(repro.stdout)) == ["report", *[f"train@{r}" for r in rows]]
+    assert sorted(ran_stages(repro.stdout)) == ["checkpoints", "reeval", "report", *[f"train@{r}" for r in rows]]
     # each stage found its row's job (waiting while it still ran; whether it still did depends on the machine's load)
     assert log.count("completed; collecting its results") == 2
     assert not re.search(r"epoch \d+: \{", log), "dvc repro trained instead of collecting"
@@ -395,3 +395,33 @@ def test_a_request_larger_than_any_node_is_refused_from_sinfo(slurm_cluster):
         check_fits_cluster(SlurmOptions(cpus_per_task=cpus * 8))
     with pytest.raises(ConfigError, match="gpus_per_node"):
         check_fits_cluster(SlurmOptions(cpus_per_task=1, gpus_per_node=4, tasks_per_node=None))
+
+
+def _listening(port: int) -> set[str]:
+    """Local addresses (dotted IPv4, or `[ipv6]`) with a TCP socket listening on `port` (from /proc/net/tcp*)."""
+    out = set()
+    for table, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            addr, hexport = local.split(":")
+            if state != "0A" or int(hexport, 16) != port:  # 0A: LISTEN
+                continue
+            if v6:
+                out.add(f"[{addr}]")
+            else:
+                out.add(".".join(str(b) for b in reversed(bytes.fromhex(addr))))
+    return out
+
+
+def test_the_single_node_daemons_listen_on_loopback_only(slurm_cluster):
+    """slurmctld (6817), slurmd (6818) and MariaDB (3307) bind 127.0.0.1, not every interface. slurmdbd (6819) is
+    the exception: Slurm 22.05's slurmdbd has no listen-address option (its CommunicationParameters know only
+    IPv4/IPv6 and keep-alive settings); it answers only requests carrying a munge credential of this node's key."""
+    for port in (6817, 6818, 3307):
+        addrs = _listening(port)
+        assert addrs, f"nothing listens on {port}"
+        assert addrs <= {"127.0.0.1"}, f"port {port} listens on {addrs}"

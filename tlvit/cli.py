@@ -17,6 +17,7 @@ COMMANDS = {
     "tiny-imagenet": "tlvit.data.tiny_imagenet",
     "eval": "tlvit.evaluate",
     "tune": "tlvit.tune",
+    "preset": "tlvit.preset_cli",
 }
 
 

@@ -18,27 +18,83 @@ class ConfigError(ValueError):
     """A params/rows file that cannot be used; the message names the file and the fix."""
 
 
+_PARSED: dict[str, Any] = {}  # text digest -> parsed document: resolving every row reads rows.yaml ~50 times
+
+
 def read_yaml(path: str | Path) -> Any:
-    """Load a YAML file, naming the file in any error."""
+    """Load a YAML file, naming the file in any error (a fresh copy each call; a text already seen is not parsed
+    again: keyed by its content, so an edit is always seen, however fast it follows)."""
+    import hashlib
+
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: file not found")
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e}); fix the syntax") from e
+    text = path.read_text()
+    key = hashlib.sha1(text.encode()).hexdigest()
+    if key not in _PARSED:
+        try:
+            _PARSED[key] = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e}); fix the syntax") from e
+    return copy.deepcopy(_PARSED[key])
 
 
 def load_params(path: str | Path = "params.yaml") -> dict:
-    """The whole params file, each preset's sections merged over the `defaults` block (the preset's values win)."""
+    """The whole params file, each preset's sections resolved: `defaults`, then the sections of the preset it is a
+    `variant_of` (one level), then its own (later values win, mappings merged key by key). The top-level `base`
+    must name the chosen preset's base (itself when it varies none): DVC tracks the base's sections through it."""
     params = read_yaml(path)
     if not isinstance(params, dict) or "presets" not in params:
         raise ConfigError(f"{path}: expected a mapping with a `presets` section")
-    defaults = params.get("defaults") or {}
-    for name, preset in params["presets"].items():
-        for section, values in defaults.items():
-            preset[section] = merged(values, preset.get(section) or {})
+    defaults, raw = params.get("defaults") or {}, params["presets"]
+    resolved = {}
+    for name, preset in raw.items():
+        base_name = preset.get("variant_of")
+        if base_name is not None and (base_name not in raw or raw[base_name].get("variant_of")):
+            raise ConfigError(f"{path}: presets.{name}.variant_of: {base_name!r} must be a preset that is no variant "
+                              f"itself; choose one of {sorted(n for n, p in raw.items() if not p.get('variant_of'))}")
+        base = raw[base_name] if base_name else {}
+        out = {}
+        for key in dict.fromkeys([*defaults, *base, *preset]):
+            if key == "variant_of":
+                continue
+            layers = [layer[key] for layer in (defaults, base, preset) if key in layer]
+            out[key] = copy.deepcopy(layers[-1])
+            if all(isinstance(v, dict) for v in layers):
+                out[key] = {}
+                for layer in layers:
+                    out[key] = merged(out[key], layer)
+        if base_name:
+            out["variant_of"] = base_name
+        resolved[name] = out
+    params["presets"] = resolved
+    chosen = params.get("preset")
+    if chosen in raw:
+        want = raw[chosen].get("variant_of") or chosen
+        if params.get("base", chosen) != want:  # a file without variants may leave `base` out
+            raise ConfigError(f"{path}: `base: {params.get('base')}` but preset {chosen!r} "
+                              + (f"is a variant of {want!r}" if want != chosen else "is no variant")
+                              + f": set `base: {want}` (or run `tlvit preset {chosen}`, which sets both)")
     return params
+
+
+def select_preset(text: str, name: str) -> str:
+    """params.yaml text with `preset: <name>` and `base:` set to the preset it is a variant of (itself otherwise);
+    the rest of the text, comments included, unchanged."""
+    import re
+
+    import yaml
+
+    presets = (yaml.safe_load(text) or {}).get("presets") or {}
+    if name not in presets:
+        raise ConfigError(f"params.yaml: unknown preset {name!r}; choose one of {sorted(presets)}")
+    base = presets[name].get("variant_of") or name
+    text, found = re.subn(r"^preset:.*$", f"preset: {name}", text, count=1, flags=re.M)
+    if not found:
+        raise ConfigError("params.yaml has no top-level `preset:` line")
+    if re.search(r"^base:.*$", text, flags=re.M):
+        return re.sub(r"^base:.*$", f"base: {base}", text, count=1, flags=re.M)
+    return re.sub(r"^preset:.*$", lambda m: f"{m.group(0)}\nbase: {base}", text, count=1, flags=re.M)
 
 
 def merged(base: dict, over: dict) -> dict:
@@ -58,12 +114,36 @@ def preset_section(params: dict, preset: str | None = None, params_path: str | P
     return presets[name]
 
 
+ROW_KEYS = ("overrides", "preset_overrides", "init_from", "recipe")
+
+
 def load_rows(path: str | Path = "experiments/rows.yaml") -> dict:
-    """Row id -> {description, overrides}."""
+    """Row id -> {overrides, preset_overrides, init_from, recipe}; every key is training-relevant (DVC re-trains a
+    row when its entry changes, so what describes a row is a YAML comment, which it does not track)."""
     rows = read_yaml(path) or {}
     if not isinstance(rows, dict):
         raise ConfigError(f"{path}: expected a mapping of row id -> row")
+    for row_id, row in rows.items():
+        unknown = sorted(set(row or {}) - set(ROW_KEYS))
+        if unknown:
+            hint = " (describe a row in a YAML comment: DVC would re-train it for every edit of a key)" \
+                if "description" in unknown else ""
+            raise ConfigError(f"{path} row {row_id!r}: unknown keys {unknown}; a row has {list(ROW_KEYS)}{hint}")
     return rows
+
+
+def flat_overrides(overrides: dict | None, prefix: str = "") -> dict:
+    """Dotted keys from overrides written as dotted keys, as nested mappings, or both (`dvc exp run -S` adds nested
+    ones: `-S '+experiments/rows.yaml:<row>.overrides.augment.mix=cutmix'`, appended below the row's keys, so it
+    wins over a dotted `augment.mix` above it: the later entry wins). An empty mapping stays a value."""
+    out = {}
+    for key, value in (overrides or {}).items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flat_overrides(value, f"{dotted}."))
+        else:
+            out[dotted] = value
+    return out
 
 
 def _type_name(value: Any) -> str:
@@ -134,10 +214,10 @@ def resolve_run_config(
     cfg = copy.deepcopy(sections["train"])
     row = rows[row_id] or {}
     po = row.get("preset_overrides") or {}
-    # smoke and embedded-full: embedded's analogs unless a row says otherwise (a key of `train`, so that the train
-    # stages depend on it; not part of the run's config)
-    family = cfg.pop("variant_of", None)
-    row_keys = {**(row.get("overrides") or {}), **(po.get(family) or {} if family else {}), **(po.get(preset_name) or {})}
+    # smoke and embedded-full: embedded's analogs unless a row says otherwise (the train stages depend on `base`)
+    family = sections.get("variant_of")
+    row_keys = {**flat_overrides(row.get("overrides")), **(flat_overrides(po.get(family)) if family else {}),
+                **flat_overrides(po.get(preset_name))}
     for key, value in row_keys.items():
         set_dotted(cfg, key, value, where=f"{rows_path} row {row_id!r}")
     # the model's own recipe (e.g. LV-ViT-M: drop-path 0.2), unless the row sets that key itself

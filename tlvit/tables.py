@@ -216,8 +216,9 @@ def split_finetunes(order: list[str], rows_path: str | Path = "experiments/rows.
 
 
 def rows_yaml(rows: list[str], finetunes: dict[str, str]) -> tuple[str, str]:
-    """The `rows:` and `finetunes:` lines of params.yaml for these rows (flow style, one line each)."""
-    return ("rows: [" + ", ".join(rows) + "]",
+    """The `rows:` and `finetunes:` entries of params.yaml for these rows, in the form `dvc exp run -S` writes back
+    (a block list, one row per line; a flow mapping)."""
+    return ("rows:" + "".join(f"\n- {r}" for r in rows) if rows else "rows: []",
             "finetunes: {" + ", ".join(f"{k}: {v}" for k, v in finetunes.items()) + "}")
 
 
@@ -234,10 +235,11 @@ def _set_top_level(text: str, new: str, flow_pattern: str, after: str | None = N
     """Replace the top-level key of the line `new` (`key: value`, flow or block style before) by `new`;
     add it after `after:` when missing."""
     key = new.split(":", 1)[0]
-    pattern = re.compile(rf"^{key}:[ \t]*({flow_pattern}|\n(?:[ \t]+.*\n?)+|.*)$", re.M)
+    # the value: flow style, or block lines (indented, or `- item` at column 0 as ruamel writes a list in a map)
+    pattern = re.compile(rf"^{key}:[ \t]*({flow_pattern}|\n(?:(?:[ \t]+|- ).*\n?)+|.*)$", re.M)
     if pattern.search(text):
         return pattern.sub(lambda m: new + ("\n" if m.group(0).endswith("\n") else ""), text, count=1)
-    anchor = re.compile(rf"^{after}:.*$", re.M) if after else None
+    anchor = re.compile(rf"^{after}:[^\n]*(?:\n(?:[ \t]+|- )[^\n]*)*", re.M) if after else None  # with its block
     m = anchor.search(text) if anchor else None
     if m is None:
         raise ConfigError(f"params.yaml has no top-level `{key}:` to replace")

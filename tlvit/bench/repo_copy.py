@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -21,8 +20,10 @@ def sh(cmd: list[str], cwd: Path, env: dict, check: bool = True) -> subprocess.C
 
 
 def set_preset(text: str, preset: str) -> str:
-    """params.yaml text with `preset:` set."""
-    return re.sub(r"^preset: \w+", f"preset: {preset}", text, count=1, flags=re.M)
+    """params.yaml text with `preset:` (and `base:`, the preset it varies) set."""
+    from tlvit.config import select_preset
+
+    return select_preset(text, preset)
 
 
 def tool_env(**extra: str) -> dict:
