@@ -8,7 +8,8 @@ import argparse
 import datetime as dt
 
 from pipeline import run_stage
-from tlvit.checkpoint_eval import load_released, measure_released, render_checkpoint_table
+from tlvit.checkpoint_eval import load_released, measure_released
+from tlvit.checkpoint_table import render_checkpoint_table
 from tlvit.config import load_params, preset_section
 from tlvit.io import write_json
 from tlvit.layout import Layout

@@ -10,7 +10,8 @@ import yaml
 from PIL import Image
 
 from test_models import _authors_layout
-from tlvit.checkpoint_eval import load_released, measure_released, model_complexity, render_checkpoint_table
+from tlvit.checkpoint_eval import load_released, measure_released, model_complexity
+from tlvit.checkpoint_table import render_checkpoint_table
 
 
 def test_complexity_as_built_matches_the_papers_columns_except_lvvit_m_at_224():

@@ -99,7 +99,7 @@ def build_report(params: dict, *, tables_dir: str | Path = TABLES_DIR, rows_path
     records = [json.loads(f.read_text()) for f in (layout.metrics_dir / "checkpoints.json", layout.metrics_dir / "reeval.json")
                if f.is_file()]
     if records:
-        from tlvit.checkpoint_eval import render_checkpoint_table
+        from tlvit.checkpoint_table import render_checkpoint_table
 
         write_text(out / "checkpoints.md", "\n".join(render_checkpoint_table(rec) for rec in records))
         counts = {rec["source"]: (sum(r.get("status") == "evaluated" for r in rec["rows"]), len(rec["rows"])) for rec in records}
