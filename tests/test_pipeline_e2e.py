@@ -95,6 +95,7 @@ def test_smoke_repro_end_to_end(smoke_repo, tmp_path):
     sh(["dvc", "plots", "show", "--out", str(tmp_path / "plots")], repo, env)
     html = (tmp_path / "plots" / "index.html").read_text()
     assert "metrics/smoke/curves/lvvit_s_baseline.csv" in html and "ema_val_top1" in html
+    assert "lvvit_table3_claims" in html and "tlalign_table8_claims" in html  # the Δ bars' data
 
     # a second repro runs nothing; editing a row's description (a YAML comment) re-trains nothing (the report,
     # which reads the whole file, re-renders)
