@@ -8,7 +8,6 @@ file (the authors' LV-ViT or DeiT releases) is loaded through timm's pretrained-
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,8 +179,10 @@ def _run(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     result = {"checkpoint": str(args.checkpoint), "data": str(args.data), **result}
-    if int(os.environ.get("RANK", "0")) != 0:
-        return 0  # every process holds the summed result; the first one reports it
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return 0  # every process holds the summed result; the first one reports it (torchrun or Slurm tasks)
     if not args.no_track:
         record = args.record_dir or Path("runs") / "eval" / f"{time.strftime('%Y%m%d-%H%M%S')}-{args.checkpoint.stem}"
         result["mlflow_run_id"] = log_to_mlflow(result, record)
