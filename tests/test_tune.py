@@ -19,7 +19,7 @@ def test_plateau_is_the_largest_move_over_the_last_fifth_of_epochs():
 def test_a_candidate_is_the_row_config_with_its_overrides_and_never_scores_on_val(tmp_path):
     search = tmp_path / "s.yaml"
     search.write_text("preset: embedded-tune\nrows: [deit_s_cutmix]\nseeds: [0]\n"
-                      "candidates:\n  stem: {epochs: 12, ema_decay: null, model_kwargs.stem_kernels: [7, 3, 3, 4]}\n")
+                      "candidates:\n  stem: {epochs: 12, ema_decay: null, model_kwargs: {stem_kernels: [7, 3, 3, 4]}}\n")
     spec, params = load_search(search), load_params("params.yaml")
     cfg = candidate_config(params, spec, "stem", "deit_s_cutmix")
     assert cfg["eval_split"] == "tune" and cfg["epochs"] == 12 and cfg["ema_decay"] is None

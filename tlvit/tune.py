@@ -20,8 +20,8 @@ from pathlib import Path
 
 import yaml
 
-from tlvit.config import ConfigError, config_hash, load_params, resolve_run_config, set_dotted
-from tlvit.io import write_json
+from tlvit.config import ConfigError, flat_overrides, load_params, resolve_run_config, set_dotted
+from tlvit.io import atomic_path, write_json
 from tlvit.layout import Layout
 from tlvit.provenance import git_commit
 
@@ -53,7 +53,7 @@ def candidate_config(params: dict, spec: dict, candidate: str, row: str, params_
     if cfg.get("eval_split") != "tune":
         raise ConfigError(f"{params_path}: presets.{spec['preset']}.train.eval_split must be `tune`: a recipe search "
                           "never scores on val")
-    for key, value in spec["candidates"][candidate].items():
+    for key, value in flat_overrides(spec["candidates"][candidate]).items():  # dotted or nested, as in rows.yaml
         set_dotted(cfg, key, value, where=f"{spec['name']} candidate {candidate!r}")
     return cfg
 
@@ -105,7 +105,8 @@ def run_search(spec: dict, params_path: str | Path = "params.yaml", rows_path: s
               "commit": git_commit(), "rows": spec["rows"], "seeds": spec["seeds"], "candidates": spec["candidates"],
               "summary": table, "runs": results}
     write_json(out.with_suffix(".json"), report)
-    out.with_suffix(".md").write_text(render(report))
+    with atomic_path(out.with_suffix(".md")) as tmp:
+        tmp.write_text(render(report))
     return report
 
 
