@@ -89,8 +89,8 @@ def measure_own_rows(layout, rows: list[str], *, batch_size: int = 256) -> list[
         if not ckpt_path.is_file():
             out.append({"id": row, "status": f"no checkpoint ({ckpt_path})"})
             continue
-        cfg = torch.load(ckpt_path, map_location="cpu", weights_only=True)["config"]
         setup = load_for_eval(ckpt_path, num_classes, data_kind=data["kind"])
+        cfg = setup.config  # the run's config (its img_size, eval split, model) from the one load
         res = evaluate_split(setup, data["root"], cfg.get("eval_split", "val"), batch_size=batch_size, device="cpu")
         params_m, gmacs = model_complexity(lambda: build_model(cfg, num_classes), cfg["img_size"])
         out.append({"id": row, "model": cfg["model"], "img_size": cfg["img_size"], "seed": run["seed"],

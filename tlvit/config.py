@@ -6,6 +6,7 @@ that dict without the seed, so a row that appears in several tables trains once.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -24,8 +25,6 @@ _PARSED: dict[str, Any] = {}  # text digest -> parsed document: resolving every 
 def read_yaml(path: str | Path) -> Any:
     """Load a YAML file, naming the file in any error (a fresh copy each call; a text already seen is not parsed
     again: keyed by its content, so an edit is always seen, however fast it follows)."""
-    import hashlib
-
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: file not found")
@@ -59,11 +58,8 @@ def load_params(path: str | Path = "params.yaml") -> dict:
             if key == "variant_of":
                 continue
             layers = [layer[key] for layer in (defaults, base, preset) if key in layer]
-            out[key] = copy.deepcopy(layers[-1])
-            if all(isinstance(v, dict) for v in layers):
-                out[key] = {}
-                for layer in layers:
-                    out[key] = merged(out[key], layer)
+            out[key] = (functools.reduce(merged, layers, {}) if all(isinstance(v, dict) for v in layers)
+                        else copy.deepcopy(layers[-1]))
         if base_name:
             out["variant_of"] = base_name
         resolved[name] = out
@@ -82,8 +78,6 @@ def select_preset(text: str, name: str) -> str:
     """params.yaml text with `preset: <name>` and `base:` set to the preset it is a variant of (itself otherwise);
     the rest of the text, comments included, unchanged."""
     import re
-
-    import yaml
 
     presets = (yaml.safe_load(text) or {}).get("presets") or {}
     if name not in presets:

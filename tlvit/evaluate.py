@@ -28,6 +28,7 @@ class EvalSetup:
     mean: tuple
     std: tuple
     source: str  # "tlvit run <row> seed <k> (EMA)" or "file (timm pretrained_cfg of <model>)"
+    config: dict | None = None  # a tlvit run's resolved config (None for a released file)
 
 
 def load_for_eval(checkpoint: str | Path, num_classes: int, model_name: str | None = None,
@@ -54,7 +55,8 @@ def load_for_eval(checkpoint: str | Path, num_classes: int, model_name: str | No
         mean, std = DATA_STATS[data_kind]
         which = "EMA" if ckpt.get("ema") else "model"
         return EvalSetup(model, cfg["img_size"], cfg.get("crop_pct", 1.0), mean, std,
-                         f"tlvit run {cfg.get('row')} seed {ckpt.get('seed')} epoch {ckpt.get('epoch')} ({which} weights)")
+                         f"tlvit run {cfg.get('row')} seed {ckpt.get('seed')} epoch {ckpt.get('epoch')} ({which} weights)",
+                         config=cfg)
     if not model_name:
         raise ValueError(f"{path}: not a tlvit run checkpoint; name its architecture with --model (e.g. lvvit_s)")
     import timm

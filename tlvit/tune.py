@@ -13,7 +13,6 @@ and the training time, with the commit and config hash of every run.
 """
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import statistics
 from pathlib import Path
@@ -112,9 +111,8 @@ def run_search(spec: dict, params_path: str | Path = "params.yaml", rows_path: s
 
 def summarise(results: list[dict]) -> list[dict]:
     """Per (candidate, row): mean and std of tune top-1 over seeds, worst plateau, mean loss and time."""
-    keys = sorted({(r["candidate"], r["row"]) for r in results}, key=lambda k: [r["candidate"] for r in results].index(k[0]))
     out = []
-    for cand, row in keys:
+    for cand, row in dict.fromkeys((r["candidate"], r["row"]) for r in results):  # in the order they ran
         rs = [r for r in results if (r["candidate"], r["row"]) == (cand, row)]
         top1 = [r["tune_top1"] for r in rs]
         plateaus = [r["plateau"] for r in rs if r["plateau"] is not None]
@@ -152,7 +150,7 @@ def add_parser(sub) -> None:
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--rows", default="experiments/rows.yaml")
     p.add_argument("--progress", action="store_true")
-    p.set_defaults(func=lambda a: _run(a))
+    p.set_defaults(func=_run)
 
 
 def _run(a) -> None:
