@@ -121,6 +121,14 @@ def test_launcher_section_is_checked():
     assert cfg.slurm.nodes == 2 and cfg.folder_path("/repo") == Path("/repo/sub")
     with pytest.raises(ConfigError, match="unknown launcher.slurm key.*gpus"):
         load_launcher_config({"launcher": {"slurm": {"gpus": 2}}})
+    # `tlvit launch --slurm cpus_per_task=1`: one launch's override wins over the file, and is checked like it
+    from tlvit.launch.cli import _key_value
+
+    cfg = load_launcher_config(load_params(REPO / "params.yaml"), kind="slurm",
+                               slurm_overrides=dict([_key_value("cpus_per_task=1"), _key_value("mem_gb=8")]))
+    assert (cfg.slurm.cpus_per_task, cfg.slurm.mem_gb, cfg.slurm.timeout_min) == (1, 8, 1440)
+    with pytest.raises(ConfigError, match="unknown launcher.slurm key.*cpus\\b"):
+        load_launcher_config({}, slurm_overrides={"cpus": 1})
     with pytest.raises(ConfigError, match="launcher.kind"):
         load_launcher_config({"launcher": {"kind": "kubernetes"}})
     with pytest.raises(ConfigError, match="one DDP rank per GPU"):

@@ -11,6 +11,7 @@ COMMANDS = {
     "launch": "tlvit.launch.cli",
     "status": "tlvit.launch.cli",
     "sync": "tlvit.launch.cli",
+    "pool": "tlvit.launch.cli",
     "rows": "tlvit.rows_cli",
     "bench": "tlvit.bench.cli",
     "deviations": "tlvit.deviations_cli",

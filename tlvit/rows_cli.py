@@ -15,6 +15,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--all", action="store_true", help="the rows of every table (default when no --table is given)")
     p.add_argument("--table", action="append", default=[], metavar="KEY", help="only this table's rows, e.g. lvvit_table3 "
                    "(repeatable)")
+    p.add_argument("--headline", action="store_true", help="only the rows of the headline claims and their diagnostics "
+                   "(experiments/headline.yaml), instead of the tables'")
     p.add_argument("--deviations", action="store_true", help="also the row pairs of the deviations table "
                    "(tlvit/deviations.py), after the tables' rows")
     p.add_argument("--preset", default=None, help="default: params.yaml `preset`")
@@ -37,7 +39,11 @@ def run(args: argparse.Namespace) -> int:
         params = load_params(args.params)
         preset = args.preset or params["preset"]
         tables_dir = Path(args.tables)
-        if args.table:
+        if args.headline:
+            from tlvit.report.headline import load_headline
+
+            rows = all_rows(params, preset, tables_dir, args.rows_file, args.params, wanted=load_headline().rows)
+        elif args.table:
             known = {t.key for t in load_tables(tables_dir)}
             unknown = sorted(set(args.table) - known)
             if unknown:

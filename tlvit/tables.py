@@ -169,14 +169,17 @@ def init_parent(row: str, cfg: dict | None = None, rows: dict | None = None) -> 
 
 
 def all_rows(params: dict, preset: str, tables_dir: str | Path = TABLES_DIR,
-             rows_path: str | Path = "experiments/rows.yaml", params_path: str | Path = "params.yaml") -> list[str]:
-    """What `rows` must list for `preset` to fill every table: each config hash once (its first row id in
-    reading order), every `init_from` parent before its child (also when no table lists the parent)."""
+             rows_path: str | Path = "experiments/rows.yaml", params_path: str | Path = "params.yaml",
+             wanted: list[str] | None = None) -> list[str]:
+    """What `rows` must list for `preset` to fill every table (or to train the rows `wanted`): each config hash
+    once (its first row id in reading order), every `init_from` parent before its child (also when no table
+    lists the parent)."""
     defined = load_rows(rows_path)
-    wanted = table_rows(load_tables(tables_dir))
+    source = tables_dir if wanted is None else "the rows asked for"
+    wanted = table_rows(load_tables(tables_dir)) if wanted is None else list(wanted)
     missing = [r for r in wanted if r not in defined]
     if missing:
-        raise ConfigError(f"{rows_path}: rows {missing} are used in {tables_dir} but not defined")
+        raise ConfigError(f"{rows_path}: rows {missing} are used in {source} but not defined")
     configs = resolve_rows(params, preset, wanted, rows_path, params_path)
     seen: dict[str, str] = {}
     order: list[str] = []

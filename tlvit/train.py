@@ -200,6 +200,13 @@ def check_run_config(cfg: dict, num_classes: int = 1000) -> None:
                   cfg.get("train_interpolation", "bicubic"), None, cfg.get("transform_order", "crop_flip_randaug"))
 
 
+def evaluates_at(cfg: dict, epoch: int, num_epochs: int) -> bool:
+    """Is the val split scored after `epoch` (1-based)? Every `eval_every`-th epoch, the last one, and every one
+    of the last `eval_last_epochs` (where a long val split is scored only where convergence is judged)."""
+    return (epoch % cfg.get("eval_every", 1) == 0 or epoch == num_epochs
+            or epoch > num_epochs - cfg.get("eval_last_epochs", 0))
+
+
 def train(cfg: dict, seed: int, run_dir: str | Path, inputs: RunInputs, **kwargs) -> dict:
     """Train (or resume) one run; returns its final metrics (also written to `<run_dir>/result.json`).
 
@@ -299,7 +306,7 @@ def _train(cfg: dict, seed: int, run_dir: Path, inputs: RunInputs, *, device: st
             stats = train_one_epoch(state.net, model, loader, state.supervision, state.optimizer, state.scheduler, epoch, dev,
                                     generator=mix_gen, last_checkpoint=str(ckpt_path) if epoch else "none",
                                     show_progress=show_progress and env.is_main, **state.step_kwargs())
-            if (epoch + 1) % cfg.get("eval_every", 1) == 0 or epoch + 1 == num_epochs:
+            if evaluates_at(cfg, epoch + 1, num_epochs):
                 val_loader = DataLoader(val_ds, batch_size=256, sampler=ShardSampler(len(val_ds), env), num_workers=cfg["workers"])
                 stats.update({f"val_{k}": v for k, v in evaluate(model, val_loader, dev, modes, state.amp_dtype).items()})
                 if state.ema is not None:

@@ -8,7 +8,7 @@ resolved config. Every (candidate, row, seed) is an ordinary resumable training 
 `runs/<preset>/tuning/<search>/<candidate>/<row>/seed<k>/` (a killed search resumes where it stopped; a changed
 candidate is a new run, the old checkpoint kept aside), logged to MLflow under the experiment
 `tlvit-tune-<search>`. The table (`reports/<preset>/tuning/<search>.{md,json}`) gives per candidate the mean
-tune top-1, its seed std, the plateau (how far top-1 moved over the last 20% of epochs), the final train loss
+tune top-1, its seed std, the plateau (how far top-1's trend moved over the last 20% of epochs), the final train loss
 and the training time, with the commit and config hash of every run.
 """
 from __future__ import annotations
@@ -23,9 +23,9 @@ from tlvit.config import ConfigError, flat_overrides, load_params, resolve_run_c
 from tlvit.io import atomic_path, write_json
 from tlvit.layout import Layout
 from tlvit.provenance import git_commit
+from tlvit.report.stats import PLATEAU_SHARE, plateau_range, plateau_trend
 
-PLATEAU_SHARE = 0.2  # "trained to a plateau": top-1 over the last 20% of epochs moves < PLATEAU_POINTS
-PLATEAU_POINTS = 0.5
+PLATEAU_POINTS = 0.5  # "trained to a plateau": top-1's trend over the last 20% of epochs moves less than this
 
 
 def load_search(path: str | Path) -> dict:
@@ -57,19 +57,6 @@ def candidate_config(params: dict, spec: dict, candidate: str, row: str, params_
     return cfg
 
 
-def plateau(curve: list[float | None], epochs: list[int]) -> float | None:
-    """Largest change of top-1 over the last PLATEAU_SHARE of epochs: the evaluations in that window and the last
-    one before it (where the window starts from)."""
-    points = [(e, v) for e, v in zip(epochs, curve) if v is not None]
-    if len(points) < 2:
-        return None
-    start = points[-1][0] * (1 - PLATEAU_SHARE)  # e.g. 30 epochs: the window is epochs 25-30, measured from 24
-    window = [v for e, v in points if e > start]
-    before = [v for e, v in points if e <= start]
-    values = ([before[-1]] if before else []) + window  # the last evaluation before the window anchors it
-    return round(max(values) - min(values), 3)
-
-
 def run_search(spec: dict, params_path: str | Path = "params.yaml", rows_path: str | Path = "experiments/rows.yaml",
                candidates: list[str] | None = None, show_progress: bool = False) -> dict:
     from tlvit.train import RunInputs, train
@@ -94,7 +81,8 @@ def run_search(spec: dict, params_path: str | Path = "params.yaml", rows_path: s
                 curves = r["curves"]
                 top1_curve = curves["ema_val_top1"] if r["top1_ema"] is not None else curves["val_top1"]
                 results.append({"candidate": name, "row": row, "seed": seed, "tune_top1": r["top1"],
-                                "tune_top1_raw": r["top1_raw"], "plateau": plateau(top1_curve, curves["epoch"]),
+                                "tune_top1_raw": r["top1_raw"], "plateau": plateau_trend(top1_curve, curves["epoch"]),
+                                "plateau_range": plateau_range(top1_curve, curves["epoch"]),
                                 "train_loss": curves["train_loss"][-1], "train_time_s": r["train_time_s"],
                                 "config_hash": r["config_hash"], "git_commit": r["git_commit"],
                                 "mlflow_run_id": r["mlflow_run_id"], "epochs": r["epochs"]})
@@ -116,9 +104,11 @@ def summarise(results: list[dict]) -> list[dict]:
         rs = [r for r in results if (r["candidate"], r["row"]) == (cand, row)]
         top1 = [r["tune_top1"] for r in rs]
         plateaus = [r["plateau"] for r in rs if r["plateau"] is not None]
+        ranges = [r["plateau_range"] for r in rs if r.get("plateau_range") is not None]
         out.append({"candidate": cand, "row": row, "n": len(rs), "tune_top1": round(statistics.fmean(top1), 2),
                     "tune_top1_std": round(statistics.stdev(top1), 2) if len(top1) > 1 else None,
-                    "plateau": max(plateaus) if plateaus else None,
+                    "plateau": max(plateaus, key=abs) if plateaus else None,
+                    "plateau_range": max(ranges) if ranges else None,
                     "train_loss": round(statistics.fmean(r["train_loss"] for r in rs), 4),
                     "train_min": round(statistics.fmean(r["train_time_s"] for r in rs) / 60, 1)})
     return out
@@ -127,15 +117,17 @@ def summarise(results: list[dict]) -> list[dict]:
 def render(report: dict) -> str:
     lines = [f"# Recipe search `{report['search']}` (preset `{report['preset']}`, tuning split)", "",
              f"{report['date']}, commit {report['commit']}; rows {', '.join(report['rows'])}; seeds {report['seeds']}. "
-             f"Plateau: the largest move of top-1 over the last {PLATEAU_SHARE:.0%} of epochs (< {PLATEAU_POINTS} "
-             "points counts as converged).", "",
-             "| candidate | overrides | row | seeds | tune top-1 | std | plateau | train loss | min/run |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"Plateau: how far top-1 moved over the last {PLATEAU_SHARE:.0%} of epochs by its least-squares trend "
+             f"(|trend| < {PLATEAU_POINTS} points counts as converged; the worst seed); range: the largest spread of "
+             "single evaluations over the same epochs (evaluation noise included).", "",
+             "| candidate | overrides | row | seeds | tune top-1 | std | plateau (trend) | range | train loss | min/run |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for s in report["summary"]:
         over = ", ".join(f"{k}={v}" for k, v in report["candidates"][s["candidate"]].items()) or "(preset recipe)"
         std = "" if s["tune_top1_std"] is None else f"{s['tune_top1_std']:.2f}"
-        plat = "" if s["plateau"] is None else f"{s['plateau']:.2f}"
-        lines.append(f"| {s['candidate']} | {over} | {s['row']} | {s['n']} | {s['tune_top1']:.2f} | {std} | {plat} | "
+        plat = "" if s["plateau"] is None else f"{s['plateau']:+.2f}"
+        spread = "" if s.get("plateau_range") is None else f"{s['plateau_range']:.2f}"
+        lines.append(f"| {s['candidate']} | {over} | {s['row']} | {s['n']} | {s['tune_top1']:.2f} | {std} | {plat} | {spread} | "
                      f"{s['train_loss']:.4f} | {s['train_min']} |")
     lines += ["", "Runs (config hash, commit, MLflow run):", ""]
     lines += [f"- {r['candidate']} / {r['row']} / seed {r['seed']}: {r['tune_top1']:.2f}, {r['config_hash'][:10]}, "

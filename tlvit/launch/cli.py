@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -22,10 +23,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--row", action="append", dest="rows", metavar="ROW", help="only this row (repeatable; default: all stale rows)")
     p.add_argument("--kind", choices=KINDS, help="override launcher.kind")
     p.add_argument("--folder", help="override launcher.folder")
+    p.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE", type=_key_value,
+                   help="override a launcher.slurm key for this launch (repeatable; the value is read as YAML), e.g. "
+                        "--slurm cpus_per_task=1 to run one row per core of a small node")
     p.add_argument("--dry-run", action="store_true", help="show what would be submitted, submit nothing")
     p.add_argument("--scoremaps", type=int, metavar="N", help="instead of rows: fill the preset's score-map stores with "
                    "N array tasks (each every N-th chunk; docs/cluster.md), then `dvc repro` records them")
     p.set_defaults(func=cmd_launch)
+
+    p = sub.add_parser("pool", parents=[common], help="train the preset's unfinished runs here, N single-threaded at once",
+                       description="Train every unfinished (row, seed) run of the preset's `rows` and `finetunes` (or "
+                                   "of --row) with N worker processes of one torch thread each, longest first; then "
+                                   "`dvc repro` records them without retraining. On a small CPU machine this does more "
+                                   "work per hour than `dvc repro`, which trains one run at a time (docs/cluster.md).")
+    p.add_argument("--row", action="append", dest="rows", metavar="ROW", help="only this row (repeatable)")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes (default: the CPU count)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs in the order they would start")
+    p.set_defaults(func=cmd_pool)
 
     p = sub.add_parser("status", parents=[common], help="one table of all rows: DVC state, job, MLflow run, top-1")
     p.add_argument("--no-dvc", action="store_true", help="skip `dvc status` (faster; the dvc column shows ?)")
@@ -39,6 +54,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_sync)
 
 
+def _key_value(text: str) -> tuple[str, object]:
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (a launcher.slurm key), got {text!r}")
+    return key.strip(), yaml.safe_load(value)
+
+
 def cmd_launch(args: argparse.Namespace) -> int:
     from tlvit.config import ConfigError, load_params, pipeline_rows
     from tlvit.launch.executor import load_launcher_config
@@ -49,7 +73,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
         return cmd_launch_scoremaps(args)
     try:
         params = load_params(args.params)
-        launcher = load_launcher_config(params, kind=args.kind, folder=args.folder, params_path=args.params)
+        launcher = load_launcher_config(params, kind=args.kind, folder=args.folder, slurm_overrides=dict(args.slurm),
+                                        params_path=args.params)
         all_rows = list(pipeline_rows(params, args.params))
         unknown = sorted(set(args.rows or []) - set(all_rows))
         if unknown:
@@ -80,6 +105,29 @@ def cmd_launch(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_pool(args: argparse.Namespace) -> int:
+    from tlvit.config import ConfigError, load_params
+    from tlvit.launch.pool import plan_pool, run_pool
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    try:
+        params = load_params(args.params)
+        runs = plan_pool(params, args.rows, args.params, args.rows_file)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not runs:
+        print("nothing to train: every run is complete (`dvc repro` records them)")
+        return 0
+    if args.dry_run:
+        for r in runs:
+            print(f"  {r.row} seed {r.seed}" + (f" (after {r.parent} seed {r.seed})" if r.parent else ""))
+        return 0
+    finished = run_pool(runs, jobs=args.jobs, threads=args.threads, params_path=args.params, rows_path=args.rows_file)
+    print(f"{len(finished)} run(s) trained; next: `dvc repro` records them")
+    return 0
+
+
 def cmd_launch_scoremaps(args: argparse.Namespace) -> int:
     from tlvit.config import ConfigError, load_params
     from tlvit.launch.executor import load_launcher_config
@@ -87,7 +135,8 @@ def cmd_launch_scoremaps(args: argparse.Namespace) -> int:
 
     try:
         params = load_params(args.params)
-        launcher = load_launcher_config(params, kind=args.kind, folder=args.folder, params_path=args.params)
+        launcher = load_launcher_config(params, kind=args.kind, folder=args.folder, slurm_overrides=dict(args.slurm),
+                                        params_path=args.params)
         if args.dry_run:
             print(f"would submit {args.scoremaps} score-map shard job(s) with launcher.kind={launcher.kind}")
             return 0

@@ -178,10 +178,11 @@ class LauncherConfig:
 
 
 def load_launcher_config(params: dict, *, kind: str | None = None, folder: str | None = None,
-                         params_path: str | Path = "params.yaml") -> LauncherConfig:
-    """The params file's `launcher:` section (defaults where absent), with command-line overrides."""
+                         slurm_overrides: dict | None = None, params_path: str | Path = "params.yaml") -> LauncherConfig:
+    """The params file's `launcher:` section (defaults where absent), with command-line overrides (`slurm_overrides`:
+    launcher.slurm keys, e.g. {"cpus_per_task": 1} for one launch on a small machine)."""
     section = dict(params.get("launcher") or {})
-    slurm = dict(section.pop("slurm", None) or {})
+    slurm = {**(section.pop("slurm", None) or {}), **(slurm_overrides or {})}
     known = {f.name for f in dataclasses.fields(LauncherConfig)} - {"slurm"}
     known_slurm = {f.name for f in dataclasses.fields(SlurmOptions)}
     if set(section) - known:

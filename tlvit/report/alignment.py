@@ -150,11 +150,32 @@ def _share(y, ca: int, cb: int, grid: tuple[int, int]) -> np.ndarray:
     return (pa / (pa + pb).clamp_min(1e-8)).reshape(grid).cpu().numpy()
 
 
+def rmse_per_block(results: Results, trained: Trained, *, images: int = 256, batch: int = 64,
+                   seed: int = 0) -> tuple[np.ndarray, int]:
+    """(RMSE per block, images used): the RMSE between the CutMix (area) target and the TL-Align label of the class token after each block, over
+    `images` val images of `trained` mixed in pairs by patch-aligned CutMix (the same images for every model)."""
+    import torch
+
+    C = results.num_classes()
+    ds, _, _ = _val(results, trained.cfg)
+    idx = np.random.default_rng(seed).choice(len(ds), size=min(images, len(ds) - len(ds) % 2), replace=False)
+    sums, count = None, 0
+    for start in range(0, len(idx), batch):
+        items = [ds[int(i)] for i in idx[start:start + batch]]
+        if len(items) < 2:
+            continue
+        x = torch.stack([it["image"] for it in items])
+        labels = torch.tensor([it["label"] for it in items])
+        _, _, aligner = _align(trained.model, x, labels, C, seed + start)
+        r = aligner.rmse_per_layer() ** 2 * len(items)  # accumulate mean squared error, weighted by batch size
+        sums = r if sums is None else sums + r
+        count += len(items)
+    return (sums / count).sqrt().cpu().numpy(), count
+
+
 def rmse_figure(results: Results, path: Path, *, images: int = 256, batch: int = 64, seed: int = 0) -> str | None:
     """Fig. 3 style: RMSE between the CutMix (area) target and the TL-Align label of the class token, per block,
     for each DeiT size that has a finished row; left per block, right after the last block (the paper's bar)."""
-    import torch
-
     from tlvit.report.figures import _plt, save
 
     found = {}
@@ -164,23 +185,10 @@ def rmse_figure(results: Results, path: Path, *, images: int = 256, batch: int =
             found[size] = t
     if not found:
         return "no finished DeiT-T/S/B row with a checkpoint yet"
-    C = results.num_classes()
-    curves = {}
+    curves, count = {}, 0
     for size, t in found.items():
-        ds, _, _ = _val(results, t.cfg)
-        idx = np.random.default_rng(seed).choice(len(ds), size=min(images, len(ds) - len(ds) % 2), replace=False)
-        sums, count = None, 0
-        for start in range(0, len(idx), batch):
-            items = [ds[int(i)] for i in idx[start:start + batch]]
-            if len(items) < 2:
-                continue
-            x = torch.stack([it["image"] for it in items])
-            labels = torch.tensor([it["label"] for it in items])
-            _, _, aligner = _align(t.model, x, labels, C, seed + start)
-            r = aligner.rmse_per_layer() ** 2 * len(items)  # accumulate mean squared error, weighted by batch size
-            sums = r if sums is None else sums + r
-            count += len(items)
-        curves[size] = (t, (sums / count).sqrt().cpu().numpy())
+        rmse, count = rmse_per_block(results, t, images=images, batch=batch, seed=seed)
+        curves[size] = (t, rmse)
     plt = _plt()
     fig, (ax_l, ax_b) = plt.subplots(1, 2, figsize=(10, 3.8))
     for size, (t, rmse) in curves.items():

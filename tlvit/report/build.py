@@ -15,6 +15,7 @@ from tlvit.layout import Layout
 from tlvit.report.curves import check_summary, row_curves, sources_note
 from tlvit.report.deviations import deviations_frame, render_deviations, render_recipe_conflicts
 from tlvit.report.figures import curves_figure, delta_figure, path_figure, scaling_figure
+from tlvit.report.headline import HEADLINE_PATH, load_headline, write_headline
 from tlvit.report.frames import claims_frame, provenance_frame, render_markdown, table_frame
 from tlvit.report.results import DONE, Results
 from tlvit.tables import TABLES_DIR, Table, load_tables
@@ -66,7 +67,7 @@ CLAIM_COLUMNS = (("reproduced", "Reproduced"), ("consistent", "Consistent"), ("n
 
 def build_report(params: dict, *, tables_dir: str | Path = TABLES_DIR, rows_path: str | Path = "experiments/rows.yaml",
                  params_path: str | Path = "params.yaml", layout: Layout | None = None, commit: str = "unknown",
-                 out_dir: str | Path | None = None) -> Path:
+                 out_dir: str | Path | None = None, headline_path: str | Path = HEADLINE_PATH) -> Path:
     """Regenerate `reports/<preset>/` (or `out_dir`) for the params' preset; returns the index (README.md there)."""
     from tlvit.report.alignment import aligned_label_figure, rmse_figure
     from tlvit.report.dense_labels import dense_label_figure, dense_label_table
@@ -89,6 +90,12 @@ def build_report(params: dict, *, tables_dir: str | Path = TABLES_DIR, rows_path
               "\nClaims: each difference the paper claims, with the reproduced Δ's 95% CI over seeds (columns: how many "
               "have each verdict). Per-seed MLflow runs, commits and config hashes: [provenance.csv](provenance.csv)." +
               (f" {sources_note(table_curves)}" if table_curves else "") + "\n"]
+    headline = load_headline(headline_path) if Path(headline_path).is_file() else None
+    if headline is not None and headline.preset == layout.preset:
+        tally = write_headline(headline, results, tables, out, commit, write_text)
+        index += ["## Headline claims\n", f"[headline.md](headline.md) ([rows](headline.csv), [claims](headline_claims.csv)): "
+                  f"the papers' {len(headline.claims)} headline claims as {sum(tally.values())} row pairs, paired over "
+                  "seeds: " + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in tally.items()) + ".\n"]
     provenance_rows = [*pipeline_rows(params), *(r for t in tables for r in t.row_ids),
                        *(r for d in DEVIATIONS if d.rows for r in d.rows)]
     write_text(out / "provenance.csv", provenance_frame(results, provenance_rows).to_csv(index=False))

@@ -116,3 +116,65 @@ def verdict(paper_delta: float | None, a: list[float] | None, b: list[float] | N
     if (delta > 0) != (paper_delta > 0):
         return Verdict(NOT_REPRODUCED, "not reproduced (opposite sign)")
     return Verdict(REPRODUCED, "reproduced at this scale")
+
+
+PLATEAU_SHARE = 0.2  # "trained to a plateau": judged over the last 20% of a run's epochs
+
+
+def plateau_window(curve: list[float | None], epochs: list[int]) -> list[tuple[int, float]]:
+    """The (epoch, top-1) evaluations in the last PLATEAU_SHARE of epochs, anchored by the last one before it."""
+    points = [(e, v) for e, v in zip(epochs, curve) if v is not None]
+    if len(points) < 2:
+        return []
+    start = points[-1][0] * (1 - PLATEAU_SHARE)  # e.g. 30 epochs: the window is epochs 25-30, measured from 24
+    before = [p for p in points if p[0] <= start]
+    return before[-1:] + [p for p in points if p[0] > start]
+
+
+def plateau_range(curve: list[float | None], epochs: list[int]) -> float | None:
+    """Largest spread of top-1 over the plateau window (max - min): single evaluations' noise included."""
+    window = plateau_window(curve, epochs)
+    return round(max(v for _, v in window) - min(v for _, v in window), 3) if len(window) >= 2 else None
+
+
+def plateau_trend(curve: list[float | None], epochs: list[int]) -> float | None:
+    """How far top-1 moved over the plateau window by its trend: the least-squares slope through the window's
+    evaluations times the window's length in epochs (points; + still rising, - falling).
+
+    The criterion "moves < 0.5 points" is judged on this rather than on the spread: a single evaluation on a
+    few thousand images carries a binomial SE of ~0.4-0.9 points, so the spread of 5-7 evaluations exceeds
+    0.5 on a curve that is flat, while the trend averages that noise out.
+    """
+    window = plateau_window(curve, epochs)
+    if len(window) < 2:
+        return None
+    xs, ys = [float(e) for e, _ in window], [float(v) for _, v in window]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return round(slope * (xs[-1] - xs[0]), 3)
+
+
+REPRODUCED_PAIRED, OPPOSITE, NO_EFFECT = "reproduced", "opposite", "no_effect"
+
+
+def paired_verdict(delta: float | None, half: float | None, n: int, min_effect: float) -> Verdict:
+    """Verdict on a claim `row > vs` from the paired Δ over seeds and its 95% CI half-width.
+
+    - pending: no common seed; inconclusive (n<2 pairs) below two pairs;
+    - reproduced: the CI lies above 0; opposite: the CI lies below 0;
+    - not reproduced: the CI includes 0 and excludes every gain of `min_effect` points or more (the
+      pre-registered smallest effect of interest: the data rule out a difference that large);
+    - inconclusive: the CI includes 0 and also gains of `min_effect` or more (not enough power).
+    """
+    if delta is None:
+        return Verdict(PENDING, "pending")
+    if half is None:
+        return Verdict(INCONCLUSIVE, "inconclusive (n<2 pairs)")
+    lo, hi = delta - half, delta + half
+    if lo > 0:
+        return Verdict(REPRODUCED_PAIRED, "reproduced at this scale")
+    if hi < 0:
+        return Verdict(OPPOSITE, "opposite (CI below 0)")
+    if hi < min_effect:
+        return Verdict(NO_EFFECT, f"not reproduced (CI includes 0 and excludes gains >= {min_effect:g})")
+    return Verdict(INCONCLUSIVE, f"inconclusive (CI includes 0 and gains >= {min_effect:g})")
