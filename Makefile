@@ -13,6 +13,9 @@ setup: $(STAMP)  ## create .venv and install tlvit with the exact versions CI us
 $(STAMP): pyproject.toml requirements-lock.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -c requirements-lock.txt -e '.[dev]'
+	# AutoAttack (TL-Align Table 6): torchattacks pins requests~=2.25.1, which mlflow and dvc cannot use; it never
+	# imports requests, so it goes in without its dependencies (torch, torchvision, scipy, tqdm are above)
+	$(BIN)/pip install -q --no-deps torchattacks==3.5.1
 	touch $(STAMP)
 
 repro: setup  ## dvc repro on the preset in params.yaml (default: embedded), then print where the report is
