@@ -149,3 +149,27 @@ def test_a_run_evaluates_on_the_tune_split_when_its_preset_says_so(tmp_path):
     assert len(val_split({**cfg, "eval_split": "tune"}, root, "canvases")) == 12
     with pytest.raises(ValueError, match="eval_split"):
         val_split({**cfg, "eval_split": "train"}, root, "canvases")
+
+
+def test_shifted_and_corrupted_val_splits_leave_the_other_splits_unchanged(canvases, tmp_path):
+    """TL-Align Table 6's embedded analogues: the same train/val bytes with or without them; val_a's distractors
+    nearly as large as the primary digit; val_r outlines; val_c 15 corruptions x 5 severities of each canvas."""
+    root = tmp_path / "shifted"
+    write_canvases(root, CanvasSpec(train=60, val=20, single=20, composed=30, seed=3, shifted=12, corrupted=2))
+    for split in ("train", "val", "single", "composed"):
+        assert digest(root / split) == digest(canvases / split)
+    for split in ("val_v2", "val_a", "val_r"):
+        assert len(index_split(root, split)[0]) == 12
+    size = lambda cls_map, c: np.ptp(np.nonzero(cls_map == c)[0]) + 1 if (cls_map == c).any() else 0  # noqa: E731
+    _, maps, labels = load_gt_maps(root, "val_a")
+    _, base_maps, base_labels = load_gt_maps(root, "val_v2")
+    gap = lambda ms, ls: np.mean([size(m, l) - max(size(m, c) for c in range(10) if c != l) for m, l in zip(ms, ls)])  # noqa: E731
+    assert gap(maps, labels) < gap(base_maps, base_labels) - 2  # distractors closer to the primary's height
+    outlined = np.asarray(Image.open(sorted((root / "val_r").rglob("*.png"))[0]))
+    ink = outlined > 128
+    assert ink.any() and ink.mean() < 0.2  # edges only
+    files = sorted((root / "val_c").rglob("*.png"))
+    assert len(files) == 15 * 5 * 2
+    one = files[0].relative_to(root / "val_c").parts
+    assert one[0] == "brightness" and one[1] in {"1", "2", "3", "4", "5"} and len(one) == 4
+    assert Image.open(files[0]).mode == "RGB"

@@ -27,7 +27,7 @@ def test_smoke_repro_end_to_end(smoke_repo, tmp_path):
     first = sh(["dvc", "repro"], repo, dict(env, TLVIT_RECORD_IMPORTS=str(tmp_path / "imports")))
     stages = ran_stages(first.stdout)
     assert {"data", "annotator", "scoremaps", "train@lvvit_s_baseline", "train@lvvit_s_token_labeling", "checkpoints", "reeval",
-            "report"} <= set(stages)
+            "robustness", "report"} <= set(stages)
 
     # every repository module a stage loaded is one of its deps, so editing it re-runs the stage
     import yaml
@@ -65,6 +65,21 @@ def test_smoke_repro_end_to_end(smoke_repo, tmp_path):
     for r in record["rows"]:
         assert r["status"] == "evaluated" and r["top1"] == r["trained_top1"] and r["gmacs"] > 0, r
     assert "| +0.00 |" in (repo / "reports" / "smoke" / "checkpoints.md").read_text()
+    # stage `robustness` (TL-Align Table 6): the embedded analogues of V2/A/C/R and AutoAttack, for every trained row
+    # (smoke: `rows: all`); the clean top-1 it measures is the run's own, and the attack never raises accuracy
+    record = json.loads((repo / "metrics" / "smoke" / "robustness.json").read_text())
+    assert {r["row"] for r in record["rows"]} == {"lvvit_s_baseline", "lvvit_s_token_labeling"}
+    trained = {r["seed"]: r["top1"] for r in json.loads((repo / "metrics" / "smoke" / "rows" / "lvvit_s_baseline.json")
+                                                         .read_text())["runs"]}
+    for r in record["rows"]:
+        assert all(r["sets"].values()), r["sets"]
+        for s in r["seeds"]:
+            assert {"val", "v2", "a", "r", "c", "autoattack"} <= set(s) and s["c_kind"] == "mean_error", s
+            assert len(s["c_per_corruption"]) == 15 and s["autoattack_images"] == 8
+            assert s["autoattack"] <= s["autoattack_clean"]
+            if r["row"] == "lvvit_s_baseline":
+                assert s["val"] == pytest.approx(trained[s["seed"]], abs=1e-9)
+    assert "TL-Align Table 6" in (repo / "reports" / "smoke" / "tlalign_table6.md").read_text()
 
     # MLflow holds both runs with params and one metric point per epoch
     from mlflow.tracking import MlflowClient
@@ -117,7 +132,7 @@ def test_smoke_repro_end_to_end(smoke_repo, tmp_path):
     # changing one row re-runs only that row and the report
     rows_yaml.write_text(rows_yaml.read_text().replace("    supervision.kind: ce\n", "    supervision.kind: ce\n    label_smoothing: 0.2\n"))
     third = sh(["dvc", "repro"], repo, env)
-    assert sorted(ran_stages(third.stdout)) == ["reeval", "report", "train@lvvit_s_baseline"]
+    assert sorted(ran_stages(third.stdout)) == ["reeval", "report", "robustness", "train@lvvit_s_baseline"]
 
 
 def test_unknown_row_fails_clearly_and_keeps_outputs(smoke_repo):

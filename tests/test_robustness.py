@@ -11,6 +11,7 @@ from tlvit.robustness import (ALEXNET_ERR, CORRUPTIONS, SEVERITIES, Normalised, 
 
 
 def test_mce_normalises_each_corruption_by_alexnet_then_averages():
+    assert tuple(ALEXNET_ERR) == CORRUPTIONS and len(CORRUPTIONS) == 15  # the benchmark's 15, one constant each
     # a model with AlexNet's errors everywhere has mCE 100; half of them, 50
     alexnet = {c: {s: 100 * ALEXNET_ERR[c] for s in SEVERITIES} for c in CORRUPTIONS}
     assert corruption_error(alexnet)["mce"] == pytest.approx(100.0)
@@ -89,3 +90,25 @@ def test_autoattack_stays_in_its_ball_and_breaks_a_fragile_classifier():
     assert safe["clean_top1"] == 100.0 and safe["autoattack_top1"] == 100.0
     broken = autoattack_accuracy(model, x, y, eps=16 / 255)
     assert broken["clean_top1"] == 100.0 and broken["autoattack_top1"] == 0.0
+
+
+def test_table6_renders_paper_next_to_reproduced_and_the_paired_deltas():
+    from tlvit.report.robustness import render
+    from tlvit.tables import load_robustness_table
+
+    table = load_robustness_table()
+    assert [r["row"] for r in table["rows"]][:2] == ["deit_t_cutmix", "deit_t_tlalign"]
+    seeds = lambda base, shift: [{"seed": s, "val": base + shift + s, "v2": 50.0 + shift, "c": 40.0 - shift,  # noqa: E731
+                                  "c_kind": "mean_error", "autoattack": 1.0 + s} for s in range(3)]
+    record = {"preset": "embedded-full", "commit": "abc", "date": "2026-12-02",
+              "rows": [{"row": "deit_s_cutmix", "seeds": seeds(70.0, 0.0), "sets": {"val": True, "v2": True, "a": False,
+                                                                                   "c": True, "r": False}},
+                       {"row": "deit_s_tlalign", "seeds": seeds(70.0, 1.0), "sets": {"val": True, "v2": True, "a": False,
+                                                                                    "c": True, "r": False}}]}
+    md = render(table, record)
+    line = next(x for x in md.splitlines() if x.startswith("| DeiT-S + TL-Align |"))
+    assert "80.60 / 72.00" in line and "68.90 / 51.00" in line and "not present" in line
+    pair = next(x for x in md.splitlines() if x.startswith("| DeiT-S + TL-Align vs DeiT-S |"))
+    assert "+0.80 / +1.00 [+1.00, +1.00]" in pair  # top-1: paper Δ, paired Δ (no spread)
+    assert "-1.50 / -1.00" in pair  # C: lower is better
+    assert "mean corruption error" in md and "| DeiT-T | 72.20 / —" in md

@@ -15,11 +15,13 @@ Transformers", ICCV 2023, arXiv:2210.06455): top-1 on ImageNet-V2, -A and -R, Im
 """
 from __future__ import annotations
 
-import hashlib
 import statistics
+from pathlib import Path
 
 import numpy as np
 import torch
+
+from tlvit.data.shifts import CORRUPTIONS, SEVERITIES, corrupt, outline  # noqa: F401  (the builders, re-exported)
 
 # AlexNet's top-1 error per corruption, mean over severities 1-5 (Hendrycks & Dietterich's published constants);
 # the keys are `imagecorruptions`' names, in the benchmark's order.
@@ -29,8 +31,6 @@ ALEXNET_ERR = {
     "fog": 0.819324, "brightness": 0.564592, "contrast": 0.853204, "elastic_transform": 0.646056,
     "pixelate": 0.717840, "jpeg_compression": 0.606500,
 }
-CORRUPTIONS = tuple(ALEXNET_ERR)
-SEVERITIES = (1, 2, 3, 4, 5)
 AUTOATTACK_EPS = 4 / 255
 
 
@@ -68,47 +68,20 @@ def class_index(split_classes: list[str], train_classes: list[str]) -> list[int]
     return [position[c] for c in split_classes]
 
 
-@torch.no_grad()
-def top1(logits: torch.Tensor, targets: torch.Tensor, classes: list[int] | None = None) -> float:
-    """Top-1 (%) of `logits` [N, C] against `targets` (model indices); with `classes` the arg-max runs over those
-    output indices only (ImageNet-A/-R's 200 classes)."""
+def predict(logits: torch.Tensor, classes: list[int] | None = None) -> torch.Tensor:
+    """Arg-max of `logits` [N, C]; with `classes`, over those output indices only (ImageNet-A/-R's 200 classes)."""
     if classes is not None and len(classes) < logits.shape[1]:
         masked = torch.full_like(logits, float("-inf"))
         idx = torch.as_tensor(classes)
         masked[:, idx] = logits[:, idx]
         logits = masked
-    return 100.0 * (logits.argmax(1) == targets).float().mean().item()
+    return logits.argmax(1)
 
 
-def _seed(*parts) -> int:
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little")
-
-
-def corrupt(image: np.ndarray, name: str, severity: int, seed: int) -> np.ndarray:
-    """`image` (H x W uint8 grey, or H x W x 3) corrupted by the benchmark's function -> H x W x 3 uint8; the
-    function's random draws come from numpy's global generator, seeded from (seed, name, severity) here."""
-    from imagecorruptions import corrupt as _corrupt
-
-    rgb = np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image
-    state = np.random.get_state()
-    np.random.seed(_seed(seed, name, severity))
-    try:
-        out = _corrupt(rgb, corruption_name=name, severity=severity)
-    finally:
-        np.random.set_state(state)
-    return np.asarray(out, dtype=np.uint8)[: rgb.shape[0], : rgb.shape[1]]
-
-
-def outline(canvas: np.ndarray) -> np.ndarray:
-    """The rendition shift of the embedded data: each digit drawn as its outline (grey-level morphological gradient,
-    3x3), rescaled to the canvas's range. Same size and dtype."""
-    from scipy import ndimage
-
-    x = canvas.astype(np.float32)
-    edge = ndimage.grey_dilation(x, size=(3, 3)) - ndimage.grey_erosion(x, size=(3, 3))
-    top = float(x.max()) or 1.0
-    edge *= top / (float(edge.max()) or 1.0)
-    return edge.astype(canvas.dtype) if np.issubdtype(canvas.dtype, np.floating) else edge.round().astype(canvas.dtype)
+@torch.no_grad()
+def top1(logits: torch.Tensor, targets: torch.Tensor, classes: list[int] | None = None) -> float:
+    """Top-1 (%) of `logits` [N, C] against `targets` (model indices), the arg-max over `classes` when given."""
+    return 100.0 * int((predict(logits, classes) == targets).sum()) / len(targets)
 
 
 class Normalised(torch.nn.Module):
@@ -146,3 +119,128 @@ def autoattack_accuracy(model: torch.nn.Module, images: torch.Tensor, labels: to
             robust += int((model(adv).argmax(1) == y).sum())
     n = len(images)
     return {"images": n, "clean_top1": 100.0 * clean / n, "autoattack_top1": 100.0 * robust / n, "eps": eps}
+
+
+# ---------------------------------------------------------------------------- measuring one checkpoint
+def _rule(model) -> str:
+    """The paper's inference rule: LV-ViT's cls + 0.5 max(aux) where the model has the aux head, else the class token."""
+    return "cls_plus_aux" if getattr(model, "aux_head", None) is not None else "cls"
+
+
+class RuleLogits(torch.nn.Module):
+    """The model's logits under its inference rule (what an attack differentiates and a test set scores)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model, self.rule = model, _rule(model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from tlvit.engine import inference_logits
+
+        return inference_logits(self.model, x, (self.rule,))[self.rule]
+
+
+@torch.no_grad()
+def folder_top1(setup, root, split: str, train_classes: list[str], *, batch_size: int = 256) -> float:
+    """Top-1 (%) of an EvalSetup (`tlvit.evaluate`) on `<root>/<split>/<class>/*` under the model's inference rule,
+    its class folders mapped to the model's outputs (`class_index`; a subset of classes scores among those)."""
+    from torch.utils.data import DataLoader
+
+    from tlvit.data.datasets import DenseLabelDataset, EvalGeometry
+
+    ds = DenseLabelDataset(root, split, EvalGeometry(setup.img_size, setup.crop_pct), setup.mean, setup.std)
+    index = torch.as_tensor(class_index(ds.classes, train_classes))
+    net = RuleLogits(setup.model.eval())
+    correct, classes = 0, index.tolist()
+    for batch in DataLoader(ds, batch_size=batch_size):
+        correct += int((predict(net(batch["image"]), classes) == index[batch["label"]]).sum())
+    return 100.0 * correct / len(ds)
+
+
+def autoattack_subset(setup, root, split: str, n: int):
+    """`n` images of a split, evenly spaced over its class-sorted order (every class represented), as [0, 1]
+    pixels after the model's eval resize and crop, with their labels."""
+    from tlvit.data.datasets import DenseLabelDataset, EvalGeometry
+
+    ds = DenseLabelDataset(root, split, EvalGeometry(setup.img_size, setup.crop_pct), setup.mean, setup.std)
+    idx = np.linspace(0, len(ds) - 1, num=min(n, len(ds))).round().astype(int)
+    items = [ds[int(i)] for i in idx]
+    mean = torch.tensor(setup.mean).view(-1, 1, 1)
+    std = torch.tensor(setup.std).view(-1, 1, 1)
+    x = torch.stack([it["image"] for it in items]) * std + mean
+    return x.clamp(0, 1), torch.tensor([it["label"] for it in items])
+
+
+def measure(setup, sets: dict, train_classes: list[str], *, normalise_by_alexnet: bool, autoattack_images: int,
+            seed: int = 0, batch_size: int = 256) -> dict:
+    """Table 6's columns for one checkpoint. `sets` maps v2 / a / r / c / val to (root, split) or None (not present);
+    c's split holds `<corruption>/<severity>/<class>/*`. Absent sets give no number (their key is left out)."""
+    out: dict = {"inference_rule": _rule(setup.model)}
+    for key in ("val", "v2", "a", "r"):
+        if sets.get(key):
+            out[key] = folder_top1(setup, *sets[key], train_classes, batch_size=batch_size)
+    if sets.get("c"):
+        root, split = sets["c"]
+        errors = {c: {s: 100.0 - folder_top1(setup, root, f"{split}/{c}/{s}", train_classes, batch_size=batch_size)
+                      for s in SEVERITIES} for c in CORRUPTIONS}
+        ce = corruption_error(errors, ALEXNET_ERR if normalise_by_alexnet else None)
+        out["c"] = ce.get("mce", ce.get("mean_error"))
+        out["c_kind"] = "mce" if normalise_by_alexnet else "mean_error"
+        out["c_per_corruption"] = ce["per_corruption"]
+    if sets.get("val") and autoattack_images:
+        x, y = autoattack_subset(setup, *sets["val"], autoattack_images)
+        attacked = Normalised(RuleLogits(setup.model.eval()), setup.mean, setup.std)
+        aa = autoattack_accuracy(attacked, x, y, seed=seed)
+        out.update(autoattack=aa["autoattack_top1"], autoattack_clean=aa["clean_top1"], autoattack_images=aa["images"])
+    return out
+
+
+# ---------------------------------------------------------------------------- the stage: the table's rows
+SET_SPLITS = {"val": "val", "v2": "val_v2", "a": "val_a", "r": "val_r", "c": "val_c"}  # embedded: split folders
+
+
+def find_sets(data: dict, section: dict) -> dict:
+    """set -> (root, split) or None: the embedded analogues from the data stage's folders, or the directories the
+    preset's `robustness.sets` names (ImageNet-V2/-A/-C/-R); a missing one is None ("not present")."""
+    root = Path(data["root"])
+    if data["kind"] == "canvases":
+        return {key: ((root, split) if (root / split).is_dir() else None) for key, split in SET_SPLITS.items()}
+    dirs = section.get("sets") or {}
+    out = {"val": (root, "val")}
+    for key in ("v2", "a", "c", "r"):
+        d = Path(dirs[key]) if dirs.get(key) else None
+        out[key] = (d.parent, d.name) if d is not None and d.is_dir() else None
+    return out
+
+
+def measure_rows(layout, trained: list[str], table: dict, section: dict, params_path: str = "params.yaml") -> list[dict]:
+    """Every seed's checkpoint of the rows to measure: the table's rows the preset trains (`rows: table6`) or every
+    trained row (`rows: all`), each finished row's seeds in its metrics file."""
+    import json
+
+    from tlvit.config import ConfigError
+    from tlvit.data.datasets import index_split
+    from tlvit.evaluate import load_for_eval
+
+    which = section.get("rows", "table6")
+    if which not in ("table6", "all"):
+        raise ConfigError(f"{params_path}: robustness.rows must be `table6` or `all`, not {which!r}")
+    wanted = trained if which == "all" else [r["row"] for r in table["rows"] if r["row"] in trained]
+    data = layout.dataset()
+    sets = find_sets(data, section)
+    train_classes = index_split(data["root"], "train")[2]
+    out = []
+    for row in wanted:
+        path = layout.row_metrics(row)
+        if not path.is_file():
+            continue
+        seeds = []
+        for run in json.loads(path.read_text())["runs"]:
+            ckpt = layout.run_dir(row, run["seed"]) / "checkpoint.pt"
+            setup = load_for_eval(ckpt, len(train_classes), data_kind=data["kind"])
+            seeds.append({"seed": run["seed"], **measure(
+                setup, sets, train_classes, normalise_by_alexnet=data["kind"] != "canvases",
+                autoattack_images=int(section.get("autoattack_images", 0)), seed=run["seed"],
+                batch_size=int(section.get("batch_size", 256)))})
+        out.append({"row": row, "seeds": seeds, "sets": {k: v is not None for k, v in sets.items()}})
+    return out

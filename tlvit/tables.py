@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from tlvit.config import ConfigError, config_hash, load_rows, read_yaml, resolve_run_config
 
 PAPERS = {"lvvit": "LV-ViT", "tlalign": "TL-Align"}
@@ -247,3 +249,18 @@ def _set_top_level(text: str, new: str, flow_pattern: str, after: str | None = N
     if m is None:
         raise ConfigError(f"params.yaml has no top-level `{key}:` to replace")
     return text[:m.end()] + "\n" + new + text[m.end():]
+
+
+# TL-Align Table 6 (robustness): columns of several measures, so a file of its own (stage `robustness`)
+ROBUSTNESS_TABLE = "experiments/robustness.yaml"
+
+
+def load_robustness_table(path: str | Path = ROBUSTNESS_TABLE) -> dict:
+    """experiments/robustness.yaml: the paper's Table 6 (rows with `paper` values per column, `vs` pairs)."""
+    try:
+        table = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read the robustness table ({e})") from None
+    if not isinstance(table.get("rows"), list) or not all("row" in r for r in table["rows"]):
+        raise ConfigError(f"{path}: `rows` must list {{row, label, paper: {{column: value}}}} entries")
+    return table

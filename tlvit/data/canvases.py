@@ -8,7 +8,7 @@ and this path share all code from here on.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +16,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from tlvit.io import atomic_dir, save_npz_atomic
+from tlvit.data.shifts import outline
 
 BACKGROUND = 255  # ground-truth map value for pixels that belong to no digit
 INK_THRESHOLD = 0.25  # a pixel belongs to a digit where its ink is above this fraction of full intensity
@@ -38,6 +39,11 @@ class CanvasSpec:
     composed: int = 0  # more multi-digit canvases from the train digits, composed apart from `train`: the annotator's
     tune: int = 0  # canvases of a tuning split, composed from `tune_digits_per_class` train digits held out of every
     tune_digits_per_class: int = 0  # other split: recipes are chosen on it, the val split is not looked at
+    # TL-Align Table 6's analogues, all from the val digits: `shifted` canvases each of val_v2 (a re-composed val
+    # set), val_a (distractors nearly as large as the primary digit) and val_r (digits drawn as outlines); and
+    # `corrupted` canvases under each of ImageNet-C's 15 corruptions at 5 severities (val_c/<name>/<severity>)
+    shifted: int = 0
+    corrupted: int = 0
     seed: int = 0
 
     @classmethod
@@ -138,36 +144,65 @@ def compose_canvas(
 
 
 def write_canvases(out_dir: str | Path, spec: CanvasSpec) -> dict:
-    """Write `<out>/{train,val,single,composed,tune}/<class>/<id>.png` and `<out>/gt_maps_<split>.npz`; returns stats."""
+    """Write `<out>/{train,val,single,composed,tune,val_v2,val_a,val_r}/<class>/<id>.png` with `<out>/gt_maps_<split>.npz`
+    and `<out>/val_c/<corruption>/<severity>/<class>/<id>.png`; returns stats."""
     out_dir = Path(out_dir)
     if spec.tune and not spec.tune_digits_per_class:
         raise ValueError("data.tune canvases need data.tune_digits_per_class > 0: train digits held out for them")
     sources = load_source_digits(spec.train_digits_per_class, spec.tune_digits_per_class)
+    lo = spec.primary_size[0]
+    near = replace(spec, secondary_size=(max(2, lo - 6), max(2, lo - 1)))  # distractors 1-6 px below the primary
     # appended, never inserted: each split's random stream is its position here
-    plan = [("train", spec.train, "train", False), ("val", spec.val, "val", False), ("single", spec.single, "train", True),
-            ("composed", spec.composed, "train", False), ("tune", spec.tune, "tune", False)]
+    plan = [("train", spec.train, "train", False, spec, None), ("val", spec.val, "val", False, spec, None),
+            ("single", spec.single, "train", True, spec, None), ("composed", spec.composed, "train", False, spec, None),
+            ("tune", spec.tune, "tune", False, spec, None), ("val_v2", spec.shifted, "val", False, spec, None),
+            ("val_a", spec.shifted, "val", False, near, None), ("val_r", spec.shifted, "val", False, spec, "outline"),
+            ("val_c", spec.corrupted, "val", False, spec, "corrupt")]
     stats: dict = {}
     with atomic_dir(out_dir) as tmp:
-        for split_idx, (split, count, source, single) in enumerate(plan):
+        for split_idx, (split, count, source, single, split_spec, shift) in enumerate(plan):
             if count == 0:
                 continue
             # one independent stream per split: changing one split's size leaves the others unchanged
             rng = np.random.default_rng([spec.seed, split_idx])
             paths, maps, labels = [], [], []
             for i in tqdm(range(count), desc=f"canvases/{split}", unit="img", leave=False):
-                canvas, gt, label = compose_canvas(rng, sources[source], spec, single=single)
+                canvas, gt, label = compose_canvas(rng, sources[source], split_spec, single=single)
+                pixels = (canvas * 255).round().astype(np.uint8)
                 rel = f"{label}/{split}_{i:06d}.png"
+                if shift == "corrupt":  # 75 RGB images per canvas; no maps (nothing is trained or scored densely on them)
+                    _write_corrupted(tmp / split, rel, pixels, seed=(spec.seed, i))
+                    labels.append(label)
+                    continue
+                if shift == "outline":
+                    pixels = outline(pixels)
                 target = tmp / split / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray((canvas * 255).round().astype(np.uint8), mode="L").save(target)
+                Image.fromarray(pixels, mode="L").save(target)
                 paths.append(rel)
                 maps.append(gt)
                 labels.append(label)
-            order = np.argsort(paths)  # the ImageFolder order (class folder, then file name): rows match score maps
-            save_npz_atomic(tmp / f"gt_maps_{split}.npz", paths=np.array(paths)[order], maps=np.stack(maps)[order],
-                            labels=np.array(labels)[order])
+            if paths:
+                order = np.argsort(paths)  # the ImageFolder order (class folder, then file name): rows match score maps
+                save_npz_atomic(tmp / f"gt_maps_{split}.npz", paths=np.array(paths)[order],
+                                maps=np.stack(maps)[order], labels=np.array(labels)[order])
             stats[split] = {"images": count, "per_class": np.bincount(labels, minlength=10).tolist()}
     return stats
+
+
+def _write_corrupted(split_dir: Path, rel: str, pixels: np.ndarray, seed: tuple[int, int]) -> None:
+    """`<split_dir>/<corruption>/<severity>/<rel>`: the canvas under each of ImageNet-C's corruptions (RGB PNG)."""
+    from tlvit.data.shifts import CORRUPTIONS, SEVERITIES, corrupt
+
+    for name in CORRUPTIONS:
+        for severity in SEVERITIES:
+            target = split_dir / name / str(severity) / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(corrupt(pixels, name, severity, seed=hash_parts(*seed)), mode="RGB").save(target)
+
+
+def hash_parts(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
 def load_gt_maps(root: str | Path, split: str, expect_paths: list[str] | None = None,

@@ -117,6 +117,16 @@ def build_report(params: dict, *, tables_dir: str | Path = TABLES_DIR, rows_path
         if "rows" in counts:
             parts.append(f"{counts['rows'][0]} of {counts['rows'][1]} trained rows evaluated again with `tlvit eval`")
         index.append(f"\n## Checkpoints\n\n[checkpoints.md](checkpoints.md): {'; '.join(parts)}.")
+    robustness = layout.metrics_dir / "robustness.json"
+    if robustness.is_file():
+        from tlvit.report.robustness import render as render_robustness
+        from tlvit.tables import ROBUSTNESS_TABLE, load_robustness_table
+
+        record = json.loads(robustness.read_text())
+        write_text(out / "tlalign_table6.md", render_robustness(load_robustness_table(ROBUSTNESS_TABLE), record))
+        n = sum(len(r["seeds"]) for r in record["rows"])
+        index.append(f"\n## Robustness (TL-Align Table 6)\n\n[tlalign_table6.md](tlalign_table6.md): {n} checkpoint(s) "
+                     f"of {len(record['rows'])} row(s) on the shifted, corrupted and attacked sets.")
     measured = int((dev["pairs"] > 0).sum())
     index.append(f"\n## Deviations from the authors' code\n\n[deviations.md](deviations.md) ([CSV](deviations.csv)): "
                  f"{measured} of the {len(dev)} switches that change training measured with paired seeds.")
