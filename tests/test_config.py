@@ -318,3 +318,26 @@ def test_read_yaml_sees_every_edit_and_hands_out_copies(tmp_path):
     assert read_yaml(f) == {"a": {"x": 1}}
     f.write_text("a: {x: 2}\n")
     assert read_yaml(f) == {"a": {"x": 2}}
+
+
+def test_an_optional_key_is_carried_only_by_the_rows_that_set_it():
+    """augment.switch_prob (TL-Align Table 9's TransMix recipe switches to CutMix with p 0.8): absent from every
+    other row's config (their hashes stay), used by the mixing where set, and typos still fail."""
+    import torch
+
+    from tlvit.config import set_dotted
+    from tlvit.mixing import mix_images
+    from tlvit.supervision import Supervision
+
+    params = load_params("params.yaml")
+    recipe = resolve_run_config(params, "deit_s_recipe_transmix", preset="embedded")
+    plain = resolve_run_config(params, "deit_s_mixup_cutmix", preset="embedded")
+    assert recipe["augment"]["switch_prob"] == 0.8 and "switch_prob" not in plain["augment"]
+    sup = Supervision.from_config(recipe, 10, (8, 8))
+    assert sup.switch_prob == 0.8 and Supervision.from_config(plain, 10, (8, 8)).switch_prob == 0.5
+    x = torch.rand(4, 3, 64, 64)
+    kinds = lambda p: [mix_images(x, "mixup_cutmix", (8, 8), torch.Generator().manual_seed(i), switch_prob=p).kind  # noqa: E731
+                       for i in range(400)]
+    assert abs(kinds(0.8).count("cutmix") / 400 - 0.8) < 0.06 and abs(kinds(0.5).count("cutmix") / 400 - 0.5) < 0.08
+    with pytest.raises(ConfigError, match="unknown config key 'augment.switch_probs'"):
+        set_dotted(dict(plain), "augment.switch_probs", 0.8, where="test")

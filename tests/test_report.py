@@ -88,10 +88,10 @@ def test_embedded_table4_stems_are_the_registered_variants():
 def test_experiment_for_row_one_experiment_per_table():
     name, tags = experiment_for_row("deit_s_mixup_cutmix", "embedded", TABLES)
     assert name == "tlvit-embedded-lvvit_table3"  # its first table in reading order
-    assert tags["tables"] == "lvvit_table3,tlalign_table7"
+    assert tags["tables"] == "lvvit_table3,tlalign_table7,tlalign_table9"
     assert tags["table.lvvit_table3"] == "Baseline (DeiT-Small)" and tags["paper.lvvit_table3"] == "79.9"
     name, tags = experiment_for_row("deit_s_vanilla", "embedded", TABLES)
-    assert name == "tlvit-embedded-tlalign_table2" and tags["tables"] == "tlalign_table2,tlalign_table7"
+    assert name == "tlvit-embedded-tlalign_table2" and tags["tables"] == "tlalign_table2,tlalign_table7,tlalign_table9"
     assert tags["table.tlalign_table2"] == "Vanilla" and tags["paper.tlalign_table2"] == "76.4"
     assert experiment_for_row("lvvit_s_tl_aug_mixup", "smoke", TABLES)[0] == "tlvit-smoke-lvvit_table7"
     assert experiment_for_row("not_in_any_table", "embedded", TABLES) == ("tlvit-embedded", {})

@@ -171,9 +171,14 @@ def _looks_numeric(text: str) -> bool:
         return False
 
 
+# Keys a row may set that the recipes leave out (absent means this default): written into `defaults`, they would
+# change every row's config hash and mark all metrics stale; only the rows that set one carry it.
+OPTIONAL_KEYS = {"augment.switch_prob": 0.5}  # DeiT's MixUp/CutMix switch: CutMix's share of the batches
+
+
 def set_dotted(cfg: dict, dotted: str, value: Any, *, where: str) -> None:
-    """cfg['a']['b'] = value for dotted='a.b'; the key must already exist (typos fail loudly) and `value` be of
-    the kind of the value it replaces (`check_type`)."""
+    """cfg['a']['b'] = value for dotted='a.b'; the key must already exist (typos fail loudly), or be one of
+    OPTIONAL_KEYS, and `value` be of the kind of the value it replaces (`check_type`)."""
     node = cfg
     parts = dotted.split(".")
     for i, part in enumerate(parts):
@@ -181,6 +186,10 @@ def set_dotted(cfg: dict, dotted: str, value: Any, *, where: str) -> None:
             # model_kwargs is open-ended: constructor arguments are checked by the model itself
             if parts[0] == "model_kwargs" and i == len(parts) - 1 and isinstance(node, dict):
                 break
+            if dotted in OPTIONAL_KEYS and i == len(parts) - 1 and isinstance(node, dict):
+                check_type(dotted, value, OPTIONAL_KEYS[dotted], where=where)
+                node[part] = value
+                return
             known = sorted(node) if isinstance(node, dict) else []
             raise ConfigError(f"{where}: unknown config key {dotted!r} (no {part!r}; known here: {known})")
         if i < len(parts) - 1:

@@ -45,6 +45,7 @@ class Supervision:
     crop_box: str = "exact"  # exact | transposed (the original's (top, left, bottom, right) read as (x1, y1, x2, y2))
     mix: str = "none"  # image-level mixing with the flipped batch (tlvit.mixing.KINDS)
     mix_alpha: float = 1.0
+    switch_prob: float = 0.5  # mixup_cutmix[_patch]: the share of CutMix batches (DeiT 0.5; TransMix's recipe 0.8)
     mix_token: bool = False  # MixToken (LV-ViT Sec. 3.3): token box swapped after patch embedding
     align: str = "none"  # TL-Align variant (tlvit.tl_align.VARIANTS) or none
     align_layers: tuple[int, ...] = ()  # 0-based blocks for align="layers"
@@ -62,7 +63,7 @@ class Supervision:
                              "supervision.absent_classes: zero_prob and supervision.pooling: probs for this row")
         return cls(sup["kind"], num_classes, tuple(token_grid), cfg["label_smoothing"], sup["token_weight"],
                    sup["cls_target"], sup["absent_classes"], sup["pooling"], sup["crop_box"], mix=aug["mix"],
-                   mix_alpha=aug["mix_alpha"], mix_token=aug["mix_token"], align=sup["align"],
+                   mix_alpha=aug["mix_alpha"], switch_prob=aug.get("switch_prob", 0.5), mix_token=aug["mix_token"], align=sup["align"],
                    align_layers=tuple(sup["align_layers"]), align_target=sup["align_target"],
                    align_smoothing=sup["align_smoothing"], box_sampler=aug["box_sampler"])
 
@@ -123,7 +124,8 @@ class Supervision:
         """
         box = aligner = None
         if self.mix != "none" or self.align != "none":
-            mixed = mix_images(x, self.mix, self.token_grid, generator, self.mix_alpha, sampler=self.box_sampler)
+            mixed = mix_images(x, self.mix, self.token_grid, generator, self.mix_alpha, sampler=self.box_sampler,
+                               switch_prob=self.switch_prob)
             x = mixed.images
             cls_target = mix_targets(cls_target, mixed.lam)
             if token_target is not None:
