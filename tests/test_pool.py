@@ -62,3 +62,16 @@ def test_runs_go_n_at_a_time_and_a_finetune_waits_for_its_parent_seed():
 
     with pytest.raises(RuntimeError, match="diverged"):
         run_pool(runs[:3], jobs=1, worker=failing, executor=ThreadPoolExecutor(1))
+
+
+def _pid(row, seed, *args):
+    import os
+
+    return row, seed, float(os.getpid())
+
+
+def test_each_run_gets_a_fresh_process():
+    """One interpreter per run (spawned, max one task each): no torch thread pool or logging prefix carried over."""
+    runs = [PoolRun("a", 0, None, 2.0), PoolRun("b", 0, None, 1.0), PoolRun("c", 0, None, 1.0)]
+    finished = run_pool(runs, jobs=2, worker=_pid)
+    assert sorted(r for r, _, _ in finished) == ["a", "b", "c"] and len({pid for _, _, pid in finished}) == 3

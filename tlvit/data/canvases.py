@@ -15,8 +15,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from tlvit.io import atomic_dir, save_npz_atomic
 from tlvit.data.shifts import outline
+from tlvit.io import atomic_dir, save_npz_atomic
 
 BACKGROUND = 255  # ground-truth map value for pixels that belong to no digit
 INK_THRESHOLD = 0.25  # a pixel belongs to a digit where its ink is above this fraction of full intensity
@@ -202,6 +202,7 @@ def _write_corrupted(split_dir: Path, rel: str, pixels: np.ndarray, seed: tuple[
 
 
 def hash_parts(*parts: int) -> int:
+    """One 32-bit seed from several integers (numpy's SeedSequence: independent streams per tuple)."""
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 

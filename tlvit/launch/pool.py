@@ -112,8 +112,9 @@ def run_pool(runs: list[PoolRun], *, jobs: int = 2, threads: int = 1, params_pat
 
         prepare_store(default_tracking_uri(str(workdir)))  # one schema migration here, not one per worker
         worker = _train_one
-    if executor is None:  # a clean interpreter per worker: no forked torch thread pools
-        executor = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
+    if executor is None:  # a fresh interpreter per run: no forked torch thread pools, its own logging prefix
+        executor = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                                       max_tasks_per_child=1)
     pending, done, finished = list(runs), set(), []
     waiting_on = {(r.row, r.seed) for r in runs}
     futures = {}
