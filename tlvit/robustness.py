@@ -94,8 +94,7 @@ class Normalised(torch.nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.model((x - self.mean) / self.std)
-        return out[0] if isinstance(out, tuple) else out
+        return self.model((x - self.mean) / self.std)
 
 
 def autoattack_accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
@@ -184,9 +183,8 @@ def measure(setup, sets: dict, train_classes: list[str], *, normalise_by_alexnet
         errors = {c: {s: 100.0 - folder_top1(setup, root, f"{split}/{c}/{s}", train_classes, batch_size=batch_size)
                       for s in SEVERITIES} for c in CORRUPTIONS}
         ce = corruption_error(errors, ALEXNET_ERR if normalise_by_alexnet else None)
-        out["c"] = ce.get("mce", ce.get("mean_error"))
         out["c_kind"] = "mce" if normalise_by_alexnet else "mean_error"
-        out["c_per_corruption"] = ce["per_corruption"]
+        out["c"], out["c_per_corruption"] = ce[out["c_kind"]], ce["per_corruption"]
     if sets.get("val") and autoattack_images:
         x, y = autoattack_subset(setup, *sets["val"], autoattack_images)
         attacked = Normalised(RuleLogits(setup.model.eval()), setup.mean, setup.std)

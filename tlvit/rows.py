@@ -28,13 +28,19 @@ def run_row(row: str, params_path: str = "params.yaml", rows_path: str = "experi
     experiment, tags = experiment_for_row(row, params["preset"], params=params, rows_path=rows_path, params_path=params_path)
     runs = []
     for seed in seeds:
-        parent_ckpt = layout.run_dir(cfg["init_from"], seed) / "checkpoint.pt" if cfg.get("init_from") else None
-        inputs = RunInputs(data["root"], data["kind"], layout.score_maps(source, "train"), init_checkpoint=parent_ckpt)
-        runs.append(train(cfg, seed, layout.run_dir(row, seed), inputs, show_progress=show_progress,
-                          experiment=experiment, tags=tags))
+        runs.append(train(cfg, seed, layout.run_dir(row, seed), seed_inputs(layout, data, cfg, seed),
+                          show_progress=show_progress, experiment=experiment, tags=tags))
     metrics = row_metrics(row, params["preset"], config_hash(cfg), runs)
     write_row_outputs(layout, row, metrics)
     return metrics
+
+
+def seed_inputs(layout: Layout, data: dict, cfg: dict, seed: int) -> RunInputs:
+    """What one seed's run reads: the dataset, the score maps its targets come from, and a fine-tune's parent
+    checkpoint of the same seed."""
+    parent = layout.run_dir(cfg["init_from"], seed) / "checkpoint.pt" if cfg.get("init_from") else None
+    return RunInputs(data["root"], data["kind"], layout.score_maps(cfg["supervision"]["targets"], "train"),
+                     init_checkpoint=parent)
 
 
 def write_row_outputs(layout: Layout, row: str, metrics: dict) -> None:

@@ -23,7 +23,7 @@ from tlvit.config import ConfigError, flat_overrides, load_params, resolve_run_c
 from tlvit.io import atomic_path, write_json
 from tlvit.layout import Layout
 from tlvit.provenance import git_commit
-from tlvit.report.stats import PLATEAU_SHARE, plateau_range, plateau_trend
+from tlvit.report.stats import PLATEAU_SHARE, plateau_range, plateau_trend, reported_curve
 
 PLATEAU_POINTS = 0.5  # "trained to a plateau": top-1's trend over the last 20% of epochs moves less than this
 
@@ -79,7 +79,7 @@ def run_search(spec: dict, params_path: str | Path = "params.yaml", rows_path: s
                           show_progress=show_progress, experiment=f"tlvit-tune-{spec['name']}",
                           tags={"tuning_candidate": name})
                 curves = r["curves"]
-                top1_curve = curves["ema_val_top1"] if r["top1_ema"] is not None else curves["val_top1"]
+                top1_curve = reported_curve(r, curves)
                 results.append({"candidate": name, "row": row, "seed": seed, "tune_top1": r["top1"],
                                 "tune_top1_raw": r["top1_raw"], "plateau": plateau_trend(top1_curve, curves["epoch"]),
                                 "plateau_range": plateau_range(top1_curve, curves["epoch"]),

@@ -192,18 +192,14 @@ def write_canvases(out_dir: str | Path, spec: CanvasSpec) -> dict:
 
 def _write_corrupted(split_dir: Path, rel: str, pixels: np.ndarray, seed: tuple[int, int]) -> None:
     """`<split_dir>/<corruption>/<severity>/<rel>`: the canvas under each of ImageNet-C's corruptions (RGB PNG)."""
+    from tlvit.data.datasets import hash_seed
     from tlvit.data.shifts import CORRUPTIONS, SEVERITIES, corrupt
 
     for name in CORRUPTIONS:
         for severity in SEVERITIES:
             target = split_dir / name / str(severity) / rel
             target.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(corrupt(pixels, name, severity, seed=hash_parts(*seed)), mode="RGB").save(target)
-
-
-def hash_parts(*parts: int) -> int:
-    """One 32-bit seed from several integers (numpy's SeedSequence: independent streams per tuple)."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+            Image.fromarray(corrupt(pixels, name, severity, seed=hash_seed(*seed)), mode="RGB").save(target)
 
 
 def load_gt_maps(root: str | Path, split: str, expect_paths: list[str] | None = None,

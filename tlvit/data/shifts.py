@@ -2,8 +2,6 @@
 seeded per image, and the outline rendition. The data stage writes them; `tlvit.robustness` measures on them."""
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 
 # ImageNet-C's 15 corruptions (Hendrycks & Dietterich, ICLR 2019), `imagecorruptions`' names, the benchmark's order
@@ -12,18 +10,16 @@ CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", 
 SEVERITIES = (1, 2, 3, 4, 5)
 
 
-def _seed(*parts) -> int:
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little")
-
-
 def corrupt(image: np.ndarray, name: str, severity: int, seed: int) -> np.ndarray:
     """`image` (H x W uint8 grey, or H x W x 3) corrupted by the benchmark's function -> H x W x 3 uint8; the
     function's random draws come from numpy's global generator, seeded from (seed, name, severity) here."""
     from imagecorruptions import corrupt as _corrupt
 
+    from tlvit.data.datasets import hash_seed
+
     rgb = np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image
     state = np.random.get_state()
-    np.random.seed(_seed(seed, name, severity))
+    np.random.seed(hash_seed(seed, CORRUPTIONS.index(name), severity) % 2 ** 32)  # legacy seeding takes 32 bits
     try:
         out = _corrupt(rgb, corruption_name=name, severity=severity)
     finally:

@@ -4,8 +4,8 @@ collects them, as after `tlvit launch`).
 
 Why: `dvc repro` trains rows one after the other, each with every core. The embedded models are small, and on a
 2-core machine two single-threaded runs side by side do ~1.45x the work of one run with two threads (measured:
-docs/benchmarks.md); the unit here is the (row, seed) run, so a large row's seeds spread over the processes too.
-Runs go longest first (parameters x tokens), so that the last one to finish is a short one. Every run keeps one
+docs/cluster.md); the unit here is the (row, seed) run, so a large row's seeds spread over the processes too.
+Runs go longest first (parameters x tokens x epochs), so that the last one to finish is a short one. Every run keeps one
 thread whichever process takes it, so its metrics do not depend on the schedule. Fine-tunes wait for their
 parent's seed.
 """
@@ -81,17 +81,15 @@ def _train_one(row: str, seed: int, params_path: str, rows_path: str, threads: i
     torch.set_num_threads(threads)
     from tlvit.config import load_params, resolve_run_config
     from tlvit.layout import Layout
+    from tlvit.rows import seed_inputs
     from tlvit.tables import experiment_for_row
-    from tlvit.train import RunInputs, train
+    from tlvit.train import train
 
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [{row} seed {seed}] %(message)s")
     params = load_params(params_path)
     cfg = resolve_run_config(params, row, rows_path=rows_path, params_path=params_path)
     layout = Layout(params["preset"])
-    data = layout.dataset()
-    parent = layout.run_dir(cfg["init_from"], seed) / "checkpoint.pt" if cfg.get("init_from") else None
-    inputs = RunInputs(data["root"], data["kind"], layout.score_maps(cfg["supervision"]["targets"], "train"),
-                       init_checkpoint=parent)
+    inputs = seed_inputs(layout, layout.dataset(), cfg, seed)
     experiment, tags = experiment_for_row(row, params["preset"], params=params, rows_path=rows_path,
                                           params_path=params_path)
     result = train(cfg, seed, layout.run_dir(row, seed), inputs, show_progress=False, experiment=experiment, tags=tags)

@@ -134,13 +134,19 @@ def render_markdown(table: Table, df: pd.DataFrame, preset: str, claims: pd.Data
     return text
 
 
+def ci_text(delta, half) -> str:
+    """`+d [lo, hi]` of a difference and its 95% CI half-width; `+d` without a half-width, — without a Δ."""
+    if delta is None or pd.isna(delta):
+        return "—"
+    return _fmt(delta, True) + ("" if half is None or pd.isna(half) else f" [{delta - half:+.2f}, {delta + half:+.2f}]")
+
+
 def render_claims(claims: pd.DataFrame) -> str:
     """Markdown of the claimed differences and a one-line tally of the verdicts."""
     def ci_cell(row) -> str:
-        if row["Reproduced Δ"] is None or pd.isna(row["Reproduced Δ"]):
-            return PENDING if row["kind"] == "pending" else "—"
-        d, h = row["Reproduced Δ"], row["CI half-width"]
-        return _fmt(d, True) + ("" if h is None or pd.isna(h) else f" [{d - h:+.2f}, {d + h:+.2f}]")
+        if (row["Reproduced Δ"] is None or pd.isna(row["Reproduced Δ"])) and row["kind"] == "pending":
+            return PENDING
+        return ci_text(row["Reproduced Δ"], row["CI half-width"])
 
     shown = pd.DataFrame({
         "Claimed difference": [c + (f" ({n})" if n else "") for c, n in zip(claims["Claim"], claims["Note"])],

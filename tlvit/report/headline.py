@@ -14,9 +14,10 @@ import pandas as pd
 import yaml
 
 from tlvit.config import ConfigError
-from tlvit.report.frames import _fmt, short_commit
+from tlvit.report.frames import _fmt, ci_text, short_commit
 from tlvit.report.results import DONE, Results
-from tlvit.report.stats import PLATEAU_SHARE, diff_ci95, paired_diff_ci95, paired_verdict, plateau_trend
+from tlvit.report.stats import (PLATEAU_SHARE, diff_ci95, paired_diff_ci95, paired_verdict, plateau_trend,
+                                reported_curve)
 from tlvit.tables import Table
 
 HEADLINE_PATH = Path("experiments/headline.yaml")
@@ -57,11 +58,6 @@ def load_headline(path: str | Path = HEADLINE_PATH) -> Headline:
         raise ConfigError(f"{path}: needs `preset` (where the claims are measured) and `claims`")
     return Headline(spec["preset"], spec["criteria"], spec.get("recipe") or {}, spec["claims"],
                     list(spec.get("diagnostic_rows") or []), str(spec.get("registered", "")))
-
-
-def reported_curve(run: dict, curve: dict) -> list:
-    """The curve of the number a run reports: the EMA model's where the run has one, else the model's."""
-    return curve["ema_val_top1"] if run.get("top1_ema") is not None and "ema_val_top1" in curve else curve["val_top1"]
 
 
 def seed_values(results: Results, row: str, key: str = "top1") -> dict[int, float]:
@@ -137,14 +133,6 @@ def claims_frame(spec: Headline, results: Results, tables: list[Table]) -> pd.Da
     return pd.DataFrame(lines)
 
 
-def _ci(delta, half) -> str:
-    if delta is None or pd.isna(delta):
-        return "—"
-    if half is None or pd.isna(half):
-        return _fmt(delta, True)
-    return f"{delta:+.2f} [{delta - half:+.2f}, {delta + half:+.2f}]"
-
-
 def _check(ok: bool, status: str) -> str:
     return "—" if status != DONE else ("✓" if ok else "✗")
 
@@ -163,7 +151,7 @@ def diagnostics(spec: Headline, results: Results, rows: pd.DataFrame) -> list[st
             tl = "lvvit_s_token_labeling"
             gap = paired_diff_ci95(seed_values(results, row), seed_values(results, tl))
             out.append(f"- **Oracle ceiling**: `{row}` (token labeling on ground-truth maps) "
-                       f"{by_row.at[row, 'Top-1']:.2f}%; against `{tl}` {_ci(gap[0], gap[1])} (paired, {gap[2]} seeds): "
+                       f"{by_row.at[row, 'Top-1']:.2f}%; against `{tl}` {ci_text(gap[0], gap[1])} (paired, {gap[2]} seeds): "
                        "what better token labels could add at this scale.")
     gaps = [(r, by_row.at[r, "Top-1"] - by_row.at[r, "Class token only"]) for r in by_row.index
             if by_row.at[r, "Status"] == DONE and by_row.at[r, "Class token only"] is not None
@@ -226,9 +214,9 @@ def render(spec: Headline, results: Results, rows: pd.DataFrame, claims: pd.Data
     shown = pd.DataFrame({
         "Claim": claims["Claim"], "Pair": claims["Pair"],
         "Paper Δ": [f"{_fmt(d, True)} ({t})" if t else "—" for d, t in zip(claims["Paper Δ"], claims["Paper table"])],
-        "Paired Δ [95% CI]": [_ci(d, h) for d, h in zip(claims["Paired Δ"], claims["Paired CI half-width"])],
+        "Paired Δ [95% CI]": [ci_text(d, h) for d, h in zip(claims["Paired Δ"], claims["Paired CI half-width"])],
         "Pairs": claims["Pairs"],
-        "Welch Δ [95% CI]": [_ci(d, h) for d, h in zip(claims["Welch Δ"], claims["Welch CI half-width"])],
+        "Welch Δ [95% CI]": [ci_text(d, h) for d, h in zip(claims["Welch Δ"], claims["Welch CI half-width"])],
         "Verdict": claims["Verdict"],
     })
     tally = claims["kind"].value_counts()

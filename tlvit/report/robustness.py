@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 
-from tlvit.report.frames import _fmt
+from tlvit.report.frames import _fmt, ci_text
 from tlvit.report.stats import paired_diff_ci95
 
 HEADERS = {"top1": "top-1", "v2": "V2", "a": "A", "c": "C ↓", "r": "R", "autoattack": "AutoAttack"}
@@ -58,8 +58,7 @@ def render(table: dict, record: dict) -> str:
             p_row, p_vs = paper.get(row, {}).get(c), paper.get(vs, {}).get(c)
             p_delta = None if p_row is None or p_vs is None else p_row - p_vs
             delta, half, n = paired_diff_ci95(_per_seed(by_row.get(row), c), _per_seed(by_row.get(vs), c))
-            repro = "—" if delta is None else _fmt(delta, True) + (f" [{delta - half:+.2f}, {delta + half:+.2f}]"
-                                                                   if half is not None else f" (n={n})")
+            repro = ci_text(delta, half) + (f" (n={n})" if delta is not None and half is None else "")
             cells.append(f"{_fmt(p_delta, True)} / {repro}")
         lines.append(f"| {labels.get(row, row)} vs {labels.get(vs, vs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -131,6 +131,11 @@ def plateau_window(curve: list[float | None], epochs: list[int]) -> list[tuple[i
     return before[-1:] + [p for p in points if p[0] > start]
 
 
+def reported_curve(run: dict, curve: dict) -> list:
+    """The val top-1 curve of the number a run reports: the EMA model's where the run has one, else the model's."""
+    return curve["ema_val_top1"] if run.get("top1_ema") is not None and "ema_val_top1" in curve else curve["val_top1"]
+
+
 def plateau_range(curve: list[float | None], epochs: list[int]) -> float | None:
     """Largest spread of top-1 over the plateau window (max - min): single evaluations' noise included."""
     window = plateau_window(curve, epochs)
