@@ -99,7 +99,8 @@ def family_reference(params: dict, row: str, spec: dict) -> str:
     model = spec.get("recipe") or {**(spec.get("overrides") or {})}.get("model") or params["presets"]["imagenet"]["train"]["model"]
     by_model = {"lvvit_t": "lvvit_t_token_labeling", "lvvit_s": "lvvit_s_token_labeling", "lvvit_m": "lvvit_m_token_labeling",
                 "lvvit_l": "lvvit_l_token_labeling", "deit_t": "deit_t_tlalign", "deit_s": "deit_s_tlalign",
-                "deit_b": "deit_s_tlalign"}
+                "deit_b": "deit_s_tlalign", "swin_t": "swin_t_mixup_cutmix", "pvt_t": "pvt_t_mixup_cutmix", "swin_s": "swin_s_mixup_cutmix",
+                "swin_b": "swin_b_mixup_cutmix", "pvt_s": "pvt_s_mixup_cutmix"}
     return by_model[model]
 
 

@@ -27,7 +27,7 @@ def test_smoke_repro_end_to_end(smoke_repo, tmp_path):
     first = sh(["dvc", "repro"], repo, dict(env, TLVIT_RECORD_IMPORTS=str(tmp_path / "imports")))
     stages = ran_stages(first.stdout)
     assert {"data", "annotator", "scoremaps", "train@lvvit_s_baseline", "train@lvvit_s_token_labeling", "checkpoints", "reeval",
-            "robustness", "report"} <= set(stages)
+            "robustness", "transfer", "report"} <= set(stages)
 
     # every repository module a stage loaded is one of its deps, so editing it re-runs the stage
     import yaml
@@ -80,14 +80,28 @@ def test_smoke_repro_end_to_end(smoke_repo, tmp_path):
             if r["row"] == "lvvit_s_baseline":
                 assert s["val"] == pytest.approx(trained[s["seed"]], abs=1e-9)
     assert "TL-Align Table 6" in (repo / "reports" / "smoke" / "tlalign_table6.md").read_text()
+    # stage `transfer` (TL-Align Table 5): every trained row's seeds fine-tuned on scikit-learn's digits (smoke: `rows:
+    # all`, one epoch), each an ordinary tlvit run under runs/smoke/transfer/
+    record = json.loads((repo / "metrics" / "smoke" / "transfer.json").read_text())
+    assert {(r["row"], r["task"]) for r in record["rows"]} == {("lvvit_s_baseline", "digits"),
+                                                               ("lvvit_s_token_labeling", "digits")}
+    for r in record["rows"]:
+        assert r["present"] and sorted(s["seed"] for s in r["seeds"]) == sorted(trained)
+        assert all(0 <= s["top1"] <= 100 and s["epochs"] == 1 for s in r["seeds"])
+        for s in r["seeds"]:
+            assert (repo / "runs" / "smoke" / "transfer" / "digits" / r["row"] / f"seed{s['seed']}" / "result.json").is_file()
+    table5 = (repo / "reports" / "smoke" / "tlalign_table5.md").read_text()
+    assert "TL-Align Table 5" in table5 and "digits paper / reproduced" in table5
 
     # MLflow holds both runs with params and one metric point per epoch
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    rows = {r.data.tags["row"]: r for r in runs if "tlvit.mirror_of" not in r.data.tags}
+    rows = {r.data.tags["row"]: r for r in runs if "tlvit.mirror_of" not in r.data.tags and "transfer_task" not in r.data.tags}
     assert set(rows) == {"lvvit_s_baseline", "lvvit_s_token_labeling"}
+    fine_tunes = client.search_runs([client.get_experiment_by_name("tlvit-smoke-tlalign_table5").experiment_id])
+    assert {r.data.tags["row"] for r in fine_tunes} == {"lvvit_s_baseline@digits", "lvvit_s_token_labeling@digits"}
     # every table's experiment holds every row of it (a run's copies in its row's other tables' experiments)
     for row, run in rows.items():
         for table in run.data.tags["tables"].split(","):
@@ -132,7 +146,7 @@ def test_smoke_repro_end_to_end(smoke_repo, tmp_path):
     # changing one row re-runs only that row and the report
     rows_yaml.write_text(rows_yaml.read_text().replace("    supervision.kind: ce\n", "    supervision.kind: ce\n    label_smoothing: 0.2\n"))
     third = sh(["dvc", "repro"], repo, env)
-    assert sorted(ran_stages(third.stdout)) == ["reeval", "report", "robustness", "train@lvvit_s_baseline"]
+    assert sorted(ran_stages(third.stdout)) == ["reeval", "report", "robustness", "train@lvvit_s_baseline", "transfer"]
 
 
 def test_unknown_row_fails_clearly_and_keeps_outputs(smoke_repo):

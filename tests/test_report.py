@@ -135,7 +135,8 @@ def test_rows_cli_writes_params(tmp_path):
     # fine-tunes go to `finetunes` (their own DVC stages, after the parent), the rest to `rows`; none lost
     assert list(pipeline_rows(written)) == [r for r in expected if r not in written["finetunes"]] + list(written["finetunes"])
     assert sorted(pipeline_rows(written)) == sorted(expected)
-    assert written["finetunes"] == {"lvvit_s_token_labeling_384": "lvvit_s_token_labeling", "deit_b_tlalign": "deit_b_mixup_cutmix"}
+    assert written["finetunes"] == {"lvvit_s_token_labeling_384": "lvvit_s_token_labeling", "deit_b_tlalign": "deit_b_mixup_cutmix",
+                                    "swin_b_tlalign": "swin_b_mixup_cutmix"}
     strip = lambda text, p: text.replace("rows:" + "".join(f"\n- {r}" for r in p["rows"]), "").replace(  # noqa: E731
         "finetunes: {" + ", ".join(f"{k}: {v}" for k, v in p["finetunes"].items()) + "}", "")
     assert strip(params.read_text(), written) == strip(PARAMS.read_text(), load_params(PARAMS))

@@ -215,7 +215,8 @@ def test_launch_runs_stale_rows_together_and_dvc_repro_collects_them(slurm_env, 
     timing("launch+repro: dvc repro (waits for both jobs, collects, report)", time.time() - t1)
     timing("launch+repro: tlvit launch -> dvc repro done", time.time() - t0)
     log = repro.stdout + repro.stderr
-    assert sorted(ran_stages(repro.stdout)) == ["checkpoints", "reeval", "report", "robustness", *[f"train@{r}" for r in rows]]
+    assert sorted(ran_stages(repro.stdout)) == ["checkpoints", "reeval", "report", "robustness", *[f"train@{r}" for r in rows],
+                                               "transfer"]
     # each stage found its row's job (waiting while it still ran; whether it still did depends on the machine's load)
     assert log.count("completed; collecting its results") == 2
     assert not re.search(r"epoch \d+: \{", log), "dvc repro trained instead of collecting"

@@ -285,3 +285,30 @@ def test_tlvit_eval_reads_imagenet_real_labels_through_timm(tmp_path):
             ds_preds += (o.cls_logits + 0.5 * o.token_logits.max(1)[0]).argmax(1).tolist()
     hits = [p in real[i] for i, p in enumerate(ds_preds) if real[i]]
     assert with_real["real_top1"] == pytest.approx(100.0 * sum(hits) / len(hits))
+
+
+@pytest.mark.parametrize("row,model,small", [
+    ("swin_t_mixup_cutmix", "swin_e", {"depths": (1, 1), "num_heads": (1, 2), "embed_dim": 16}),
+    ("swin_t_tlalign", "swin_e", {"depths": (1, 1), "num_heads": (1, 2), "embed_dim": 16}),
+    ("pvt_t_tlalign", "pvt_e", {"depths": (1, 1), "num_heads": (1, 2), "embed_dims": (16, 32), "sr_ratios": (2, 1)}),
+])
+def test_pyramid_rows_train_and_resume_exactly(tiny_data, tmp_path, row, model, small):
+    """TL-Align Table 1's Swin and PVT rows as the smoke preset resolves them, made small: they train, their labels
+    go through the model (the TL-Align row's loss differs from the same row without alignment), and a run killed
+    after one epoch resumes to the same numbers."""
+    torch.set_num_threads(1)
+    cfg = resolve_run_config(load_params(REPO / "params.yaml"), row, preset="smoke",
+                             rows_path=REPO / "experiments" / "rows.yaml", params_path=REPO / "params.yaml")
+    cfg = copy.deepcopy(cfg)
+    cfg.update(epochs=2, batch_size=32, warmup_epochs=1, workers=0, model_kwargs=small)
+    assert cfg["model"] == model
+    full = train(cfg, 0, tmp_path / "full", tiny_data, tracking=False, show_progress=False)
+    assert full["complete"] and all(np.isfinite(full["curves"]["train_loss"])) and "top1_cls_only" not in full
+    partial = train(cfg, 0, tmp_path / "resumed", tiny_data, tracking=False, show_progress=False, stop_after_epochs=1)
+    assert partial["epochs"] == 1
+    assert train(cfg, 0, tmp_path / "resumed", tiny_data, tracking=False, show_progress=False)["curves"] == full["curves"]
+    if cfg["supervision"]["align"] != "none":
+        plain = copy.deepcopy(cfg)
+        plain["supervision"]["align"] = "none"
+        unaligned = train(plain, 0, tmp_path / "plain", tiny_data, tracking=False, show_progress=False)
+        assert unaligned["curves"]["train_loss"][0] != full["curves"]["train_loss"][0]

@@ -135,6 +135,14 @@ DEVIATIONS: tuple[Deviation, ...] = (
         "flipped: the flip is part of `theta`",
         "original", "TokenLabeling's behaviour, and geometrically right"),
     Deviation(
+        "pvt_v2", "TL-Align Table 1's PVT rows: the network",
+        "PVT v1 (PVT-T 13.2M, PVT-S 24.5M: non-overlapping patch embeddings, a class token at the last stage); the "
+        "TL-Align authors released no PVT code",
+        "timm's PVT-v2 at the same sizes (b1 14.0M, b2 25.4M): overlapping patch embeddings (labels summed under the "
+        "kernel, normalised), a 3x3 depthwise conv in the MLP (labels pass through it, as Table 10 treats the MLP), "
+        "the mean token label as the target of its mean-pooled head",
+        "other", "timm has no PVT v1; TL-Align's Table 10 rules applied to v2's operations (tlvit/tl_align_pyramid.py)"),
+    Deviation(
         "inference", "Inference of token-labeled models",
         "`cls + 0.5 · max_over_tokens(aux)`",
         "the same; class-token-only accuracy is logged too (`top1_cls_only`)",

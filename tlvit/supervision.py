@@ -21,6 +21,7 @@ from tlvit.models.mix_token import BOX_SAMPLERS, sample_token_box
 from tlvit.tl_align import SMOOTHING_SLOTS
 from tlvit.tl_align import VARIANTS as ALIGN_VARIANTS
 from tlvit.tl_align import LabelAligner, initial_label_factors
+from tlvit.tl_align_pyramid import PyramidLabelAligner
 
 KINDS = ("ce", "relabel", "token_labeling")
 POOLINGS = ("logits", "probs")
@@ -52,10 +53,13 @@ class Supervision:
     align_target: str = "cls"  # cls (DeiT: the aligned class-token label) | mean_tokens (pooling models)
     align_smoothing: str = "every_slot"  # every_slot (the original) | class_slot (token slots one-hot)
     box_sampler: str = "authors"  # CutMix/MixToken box sampler (tlvit.models.mix_token.BOX_SAMPLERS)
+    pyramid: bool = False  # the model is hierarchical (Swin): labels follow its windows and merging
 
     @classmethod
-    def from_config(cls, cfg: dict, num_classes: int, token_grid: tuple[int, int]) -> "Supervision":
-        """The supervision a resolved run config describes (its `supervision` and `augment` sections)."""
+    def from_config(cls, cfg: dict, num_classes: int, token_grid: tuple[int, int], pyramid: bool = False) -> "Supervision":
+        """The supervision a resolved run config describes (its `supervision` and `augment` sections); `pyramid`:
+        the model is a hierarchical one (its `label_target` is mean_tokens), whose labels TL-Align moves with
+        `tlvit.tl_align_pyramid`."""
         sup, aug = cfg["supervision"], cfg["augment"]
         if sup.get("targets") == "oracle" and (sup["absent_classes"], sup["pooling"]) != ("zero_prob", "probs"):
             # the oracle store holds class ids with no logits (all 0): pooled as logits they would be uniform
@@ -65,7 +69,7 @@ class Supervision:
                    sup["cls_target"], sup["absent_classes"], sup["pooling"], sup["crop_box"], mix=aug["mix"],
                    mix_alpha=aug["mix_alpha"], switch_prob=aug.get("switch_prob", 0.5), mix_token=aug["mix_token"], align=sup["align"],
                    align_layers=tuple(sup["align_layers"]), align_target=sup["align_target"],
-                   align_smoothing=sup["align_smoothing"], box_sampler=aug["box_sampler"])
+                   align_smoothing=sup["align_smoothing"], box_sampler=aug["box_sampler"], pyramid=pyramid)
 
     def __post_init__(self):
         checks = {"kind": (self.kind, KINDS), "cls_target": (self.cls_target, ("label", "annotator")),
@@ -78,6 +82,9 @@ class Supervision:
         for name, (value, allowed) in checks.items():
             if value not in allowed:
                 raise ValueError(f"supervision/augment {name} must be one of {allowed}, not {value!r}")
+        if self.pyramid and self.align != "none" and self.align_target != "mean_tokens":
+            raise ValueError("TL-Align on a pooling model (Swin) trains against its output tokens' mean label: set "
+                             "supervision.align_target: mean_tokens for this row")
         self.loss = TokenLabelingLoss(self.token_weight) if self.kind == "token_labeling" else ClassTokenLoss()
 
     @property
@@ -135,7 +142,10 @@ class Supervision:
                 labels0 = initial_label_factors(one_hot, mixed, self.label_smoothing, self.align_smoothing)
                 # TransMix's attention-weighted label is smoothed once: already, when every slot carries it
                 last_smoothing = self.label_smoothing if self.align_smoothing == "class_slot" else 0.0
-                aligner = LabelAligner(labels0, self.align, self.align_layers or None, smoothing=last_smoothing)
+                if self.pyramid:
+                    aligner = PyramidLabelAligner(labels0, self.token_grid, self.align, self.align_layers or None)
+                else:
+                    aligner = LabelAligner(labels0, self.align, self.align_layers or None, smoothing=last_smoothing)
         if self.mix_token:
             box, lam = sample_token_box(self.token_grid, generator, sampler=self.box_sampler)
             cls_target = lam * cls_target + (1 - lam) * cls_target.flip(0)

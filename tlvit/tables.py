@@ -264,3 +264,17 @@ def load_robustness_table(path: str | Path = ROBUSTNESS_TABLE) -> dict:
     if not isinstance(table.get("rows"), list) or not all("row" in r for r in table["rows"]):
         raise ConfigError(f"{path}: `rows` must list {{row, label, paper: {{column: value}}}} entries")
     return table
+
+
+TRANSFER_TABLE = "experiments/transfer.yaml"
+
+
+def load_transfer_table(path: str | Path = TRANSFER_TABLE) -> dict:
+    """experiments/transfer.yaml: the paper's Table 5 (rows with `paper` values per set, `vs` pairs)."""
+    try:
+        table = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read the transfer table ({e})") from None
+    if not isinstance(table.get("rows"), list) or not all("row" in r for r in table["rows"]):
+        raise ConfigError(f"{path}: `rows` must list {{row, label, paper: {{set: value}}}} entries")
+    return table

@@ -27,7 +27,7 @@ from tlvit.data.datasets import hash_seed, train_split, val_split
 from tlvit.distributed import DistEnv, barrier, init_distributed
 from tlvit.engine import TrainForward, evaluate, train_one_epoch
 from tlvit.io import atomic_path, save_torch_atomic, write_json
-from tlvit.models import build_model  # noqa: F401  (also tlvit.train.build_model, as before)
+from tlvit.models import build_model, is_pyramid  # noqa: F401  (also tlvit.train.build_model, as before)
 from tlvit.provenance import cluster_tags, git_commit, versions
 from tlvit.samplers import ShardSampler, train_sampler
 from tlvit.supervision import Supervision, needs_score_maps
@@ -61,7 +61,10 @@ def load_parent_weights(model: torch.nn.Module, cfg: dict, path: Path | None) ->
     which = cfg.get("init_weights", "reported")
     if which not in ("reported", "model"):
         raise ValueError(f"row {cfg.get('row')!r}: init_weights {which!r}: use `reported` or `model`")
-    load_checkpoint_resized(model, reported_weights(ckpt) if which == "reported" else ckpt["model"])
+    weights = reported_weights(ckpt) if which == "reported" else ckpt["model"]
+    if cfg.get("init_new_head"):  # transfer to another task: the parent's classifiers are not carried over
+        weights = {k: v for k, v in weights.items() if not k.startswith(("head.", "aux_head."))}
+    load_checkpoint_resized(model, weights)
 
 
 def reported_weights(ckpt: dict) -> dict:
@@ -168,7 +171,7 @@ def build_training_state(cfg: dict, num_classes: int, device: torch.device, *, g
     channels_last = bool(cfg.get("channels_last")) and device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    supervision = Supervision.from_config(cfg, num_classes, model.token_grid)
+    supervision = Supervision.from_config(cfg, num_classes, model.token_grid, pyramid=is_pyramid(model))
     net = TrainForward(model)
     if env.enabled:
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[env.local_rank] if device.type == "cuda" else None)
@@ -195,7 +198,7 @@ def check_run_config(cfg: dict, num_classes: int = 1000) -> None:
     check_schedule(cfg, cfg["batch_size"])
     with torch.device("meta"):
         model = build_model(cfg, num_classes)
-    Supervision.from_config(cfg, num_classes, model.token_grid)
+    Supervision.from_config(cfg, num_classes, model.token_grid, pyramid=is_pyramid(model))
     TrainGeometry(cfg["img_size"], tuple(cfg["crop_scale"]), tuple(cfg["crop_ratio"]), cfg["hflip"],
                   cfg.get("train_interpolation", "bicubic"), None, cfg.get("transform_order", "crop_flip_randaug"))
 

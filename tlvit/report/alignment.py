@@ -1,8 +1,9 @@
-"""TL-Align on trained DeiT checkpoints: aligned-label maps (Fig. 5 style) and per-layer RMSE (Fig. 3 style).
+"""TL-Align on trained DeiT and Swin checkpoints: aligned-label maps (Fig. 5 style) and per-layer RMSE (Fig. 3 style).
 
 Both use the trained model's own attention on val images mixed by patch-aligned CutMix and
 `tlvit.tl_align.LabelAligner` (variant "all", no label smoothing, as docs/tl_align.md prescribes for the
-RMSE). Only rows whose metrics file exists (finished rows) are used, so the figures change exactly when
+RMSE); a Swin model's labels go through `tlvit.tl_align_pyramid.PyramidLabelAligner` and its RMSE is the mean
+token label's (what it trains against). Only rows whose metrics file exists (finished rows) are used, so the figures change exactly when
 the report's metrics dependency does.
 """
 from __future__ import annotations
@@ -17,9 +18,10 @@ from tlvit.report.results import Results
 # Fig. 5 uses DeiT-S trained with TL-Align; any finished DeiT row can stand in, in this order: a model trained
 # with TL-Align of any size first (its attention is what the paper shows), then DeiT-S without it.
 MAP_ROWS = ("deit_s_tlalign", "deit_t_tlalign", "deit_b_tlalign", "deit_s_cutmix", "deit_s_vanilla")
-# Fig. 3 compares model sizes: per size the TL-Align row, else the CutMix row.
+# Fig. 3 compares model sizes and DeiT with Swin: per model the TL-Align row, else its baseline.
 RMSE_ROWS = {"DeiT-T": ("deit_t_tlalign", "deit_t_cutmix"), "DeiT-S": ("deit_s_tlalign", "deit_s_cutmix"),
-             "DeiT-B": ("deit_b_tlalign", "deit_b_mixup_cutmix")}
+             "DeiT-B": ("deit_b_tlalign", "deit_b_mixup_cutmix"), "Swin-T": ("swin_t_tlalign", "swin_t_mixup_cutmix")}
+FIGURE_MODELS = ("deit", "tlvit_deit", "swin", "tlvit_swin")  # the timm names whose checkpoints the figures read
 
 
 @dataclass
@@ -32,7 +34,7 @@ class Trained:
 
 
 def load_trained(results: Results, row: str) -> Trained | None:
-    """The first seed's checkpoint of a finished DeiT row, built for the preset's classes (eval mode)."""
+    """The first seed's checkpoint of a finished DeiT or Swin row, built for the preset's classes (eval mode)."""
     import torch
 
     from tlvit.models import build_model
@@ -46,7 +48,7 @@ def load_trained(results: Results, row: str) -> Trained | None:
         return None
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     cfg = ckpt["config"]
-    if not str(cfg.get("model", "")).startswith(("deit", "tlvit_deit")):
+    if not str(cfg.get("model", "")).startswith(FIGURE_MODELS):
         return None
     model = build_model(cfg, results.num_classes())
     model.load_state_dict(ckpt["model"])
@@ -72,7 +74,9 @@ def _align(model, x, labels, num_classes: int, seed: int, lam_range=(0.0, 1.0), 
     import torch.nn.functional as F
 
     from tlvit.mixing import mix_images
+    from tlvit.models import is_pyramid
     from tlvit.tl_align import LabelAligner, initial_label_factors, initial_labels
+    from tlvit.tl_align_pyramid import PyramidLabelAligner
 
     for t in range(tries):
         mixed = mix_images(x, "cutmix_patch", tuple(model.token_grid), torch.Generator().manual_seed(seed * 100 + t))
@@ -82,7 +86,8 @@ def _align(model, x, labels, num_classes: int, seed: int, lam_range=(0.0, 1.0), 
     y = F.one_hot(labels, num_classes).float().to(dev)
     mixed.images = mixed.images.to(dev)
     initial = initial_labels(y, mixed, smoothing=0.0)  # dense, for the figure
-    aligner = LabelAligner(initial_label_factors(y, mixed, smoothing=0.0))  # moves 3 coefficients per token
+    factors = initial_label_factors(y, mixed, smoothing=0.0)  # moves 3 coefficients per token
+    aligner = PyramidLabelAligner(factors, tuple(model.token_grid)) if is_pyramid(model) else LabelAligner(factors)
     with torch.no_grad():
         model.forward_train(mixed.images, attn_callback=aligner)
     return mixed, initial, aligner
@@ -195,7 +200,7 @@ def rmse_figure(results: Results, path: Path, *, images: int = 256, batch: int =
         ax_l.plot(range(1, len(rmse) + 1), rmse, marker="o", label=f"{size}: {t.row}")
     ax_l.set_xlabel("block")
     ax_l.xaxis.get_major_locator().set_params(integer=True)
-    ax_l.set_ylabel("RMSE(CutMix target, aligned cls label)")
+    ax_l.set_ylabel("RMSE(CutMix target, aligned label)")
     ax_l.grid(alpha=0.3)
     ax_l.legend(fontsize=7)
     names = list(curves)

@@ -127,6 +127,17 @@ def build_report(params: dict, *, tables_dir: str | Path = TABLES_DIR, rows_path
         n = sum(len(r["seeds"]) for r in record["rows"])
         index.append(f"\n## Robustness (TL-Align Table 6)\n\n[tlalign_table6.md](tlalign_table6.md): {n} checkpoint(s) "
                      f"of {len(record['rows'])} row(s) on the shifted, corrupted and attacked sets.")
+    transfer = layout.metrics_dir / "transfer.json"
+    if transfer.is_file():
+        from tlvit.report.transfer import render as render_transfer
+        from tlvit.tables import TRANSFER_TABLE, load_transfer_table
+
+        record = json.loads(transfer.read_text())
+        write_text(out / "tlalign_table5.md", render_transfer(load_transfer_table(TRANSFER_TABLE), record))
+        n = sum(len(r["seeds"]) for r in record["rows"])
+        index.append(f"\n## Transfer learning (TL-Align Table 5)\n\n[tlalign_table5.md](tlalign_table5.md): {n} "
+                     f"fine-tune(s) of {len({r['row'] for r in record['rows']})} row(s) on "
+                     f"{len({r['task'] for r in record['rows']})} downstream set(s).")
     measured = int((dev["pairs"] > 0).sum())
     index.append(f"\n## Deviations from the authors' code\n\n[deviations.md](deviations.md) ([CSV](deviations.csv)): "
                  f"{measured} of the {len(dev)} switches that change training measured with paired seeds.")

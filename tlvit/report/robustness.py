@@ -2,10 +2,7 @@
 paired Δ over seeds against its model's row (reports/<preset>/tlalign_table6.md)."""
 from __future__ import annotations
 
-import statistics
-
-from tlvit.report.frames import _fmt, ci_text
-from tlvit.report.stats import paired_diff_ci95
+from tlvit.report.paired_columns import paired_column_lines
 
 HEADERS = {"top1": "top-1", "v2": "V2", "a": "A", "c": "C ↓", "r": "R", "autoattack": "AutoAttack"}
 MEASURED_KEY = {"top1": "val"}  # the stage's key for a column, where it differs
@@ -14,12 +11,6 @@ MEASURED_KEY = {"top1": "val"}  # the stage's key for a column, where it differs
 def _per_seed(entry: dict | None, column: str) -> dict[int, float]:
     key = MEASURED_KEY.get(column, column)
     return {s["seed"]: s[key] for s in (entry or {}).get("seeds", []) if s.get(key) is not None}
-
-
-def _cell(values: dict[int, float], present: bool) -> str:
-    if not present:
-        return "not present"
-    return _fmt(statistics.fmean(values.values())) if values else "—"
 
 
 def render(table: dict, record: dict) -> str:
@@ -38,27 +29,8 @@ def render(table: dict, record: dict) -> str:
              "values are ImageNet's (V2: ImageNet-V2, A: ImageNet-A, R: ImageNet-R, C: ImageNet-C mCE, AutoAttack: "
              f"top-1 under standard AutoAttack, L-inf 4/255); reproduced values are this preset's, means over seeds. "
              f"C here: {c_name}. A row the preset does not train shows —; a set that is not on disk, *not present*.", ""]
-    head = ["Row"] + [f"{h} paper / reproduced" for h in (HEADERS[c] for c in columns)] + ["Seeds"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    shown = list(dict.fromkeys([r["row"] for r in table["rows"]] + list(by_row)))
-    labels = {r["row"]: r.get("label", r["row"]) for r in table["rows"]}
-    paper = {r["row"]: r.get("paper") or {} for r in table["rows"]}
-    for row in shown:
-        entry = by_row.get(row)
-        cells = [f"{_fmt(paper.get(row, {}).get(c))} / {_cell(_per_seed(entry, c), present[c])}" for c in columns]
-        lines.append(f"| {labels.get(row, row)} | " + " | ".join(cells) + f" | {len((entry or {}).get('seeds', []))} |")
-    pairs = [(r["row"], r["vs"]) for r in table["rows"] if r.get("vs")]
-    lines += ["", "Paired Δ (row − its model's row) over common seeds, 95% CI; for C lower is better, so a negative Δ "
-              "is the paper's direction.", "",
-              "| Pair | " + " | ".join(f"{HEADERS[c]} paper Δ / reproduced Δ [95% CI]" for c in columns) + " |",
-              "|" + "---|" * (len(columns) + 1)]
-    for row, vs in pairs:
-        cells = []
-        for c in columns:
-            p_row, p_vs = paper.get(row, {}).get(c), paper.get(vs, {}).get(c)
-            p_delta = None if p_row is None or p_vs is None else p_row - p_vs
-            delta, half, n = paired_diff_ci95(_per_seed(by_row.get(row), c), _per_seed(by_row.get(vs), c))
-            repro = ci_text(delta, half) + (f" (n={n})" if delta is not None and half is None else "")
-            cells.append(f"{_fmt(p_delta, True)} / {repro}")
-        lines.append(f"| {labels.get(row, row)} vs {labels.get(vs, vs)} | " + " | ".join(cells) + " |")
+    lines += paired_column_lines(
+        table, by_row, columns, HEADERS, present, _per_seed,
+        "Paired Δ (row − its model's row) over common seeds, 95% CI; for C lower is better, so a negative Δ is the "
+        "paper's direction.")
     return "\n".join(lines) + "\n"

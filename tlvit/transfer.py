@@ -1,0 +1,81 @@
+"""Transfer learning (TL-Align Table 5): each seed's checkpoint of a trained row fine-tuned on a downstream set.
+
+The paper fine-tunes its ImageNet-trained DeiT-T/S/B, with and without TL-Align, on CIFAR-10/100, Flowers-102 and
+Stanford Cars "following existing works" (DeiT's transfer recipe). Here every fine-tune uses one recipe, params
+`transfer.train` (dotted keys over the parent's resolved config, as rows.yaml overrides), whatever the parent's
+pre-training: a + TL-Align row and its baseline differ only in the weights they start from, and TL-Align is not used
+while fine-tuning (class-token cross-entropy, no MixToken). The parent's architecture and input size are kept, its
+classifier is replaced by a new one (`init_new_head`), and the weights it reports (its EMA when it had one) are the
+start. A fine-tune is an ordinary tlvit run (resumable, seeded, its own MLflow run) in
+runs/<preset>/transfer/<task>/<row>/seed<k>; same parent seed, same fine-tuning seed: the pairs are paired.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+
+from tlvit.config import ConfigError, config_hash, set_dotted
+
+log = logging.getLogger(__name__)
+
+def transfer_config(parent_cfg: dict, parent_hash: str, row: str, task: str, recipe: dict,
+                    where: str = "params.yaml transfer.train") -> dict:
+    """The fine-tune's run config: the parent's, the recipe's dotted keys set over it, supervision plain."""
+    cfg = copy.deepcopy(parent_cfg)
+    for key, value in (recipe or {}).items():
+        set_dotted(cfg, key, value, where=f"{where}.{key}")
+    cfg["supervision"].update(kind="ce", align="none", cls_target="label")
+    cfg["augment"]["mix_token"] = False
+    cfg["model_kwargs"] = {**(cfg.get("model_kwargs") or {}), "aux_head": False}
+    cfg.pop("eval_split", None)  # always the task's val split
+    cfg.update(row=f"{row}@{task}", init_from=row, init_from_hash=parent_hash, init_weights="reported",
+               init_new_head=True)
+    return cfg
+
+
+def fine_tune_rows(layout, trained: list[str], table: dict, section: dict, seeds_of, *, params_path: str = "params.yaml",
+                   tracking: bool = True) -> list[dict]:
+    """Fine-tune every seed of the rows to transfer (`rows: table5`: the table's rows the preset trains; `all`: every
+    trained row) on every task of `section["tasks"]` present; returns one record per (row, task) with each seed's
+    top-1. seeds_of(row): that row's finished seeds (its metrics file)."""
+    import torch
+
+    from tlvit.data.transfer_sets import EMBEDDED_TASKS, prepare_task
+    from tlvit.train import RunInputs, train
+
+    which = section.get("rows", "table5")
+    if which not in ("table5", "all"):
+        raise ConfigError(f"{params_path}: transfer.rows must be `table5` or `all`, not {which!r}")
+    wanted = trained if which == "all" else [r["row"] for r in table["rows"] if r["row"] in trained]
+    data_root = layout.root / "data" / "transfer" / layout.preset  # apart from data/<preset>, the data stage's output
+    out = []
+    for task in section.get("tasks") or []:
+        root = prepare_task(task, data_root, section.get("sources"), canvas_size=int(section.get("canvas_size", 64)))
+        kind = "canvases" if task in EMBEDDED_TASKS else "imagefolder"
+        for row in wanted:
+            seeds = []
+            for seed in seeds_of(row):
+                if root is None:
+                    break
+                parent = layout.run_dir(row, seed) / "checkpoint.pt"
+                ckpt = torch.load(parent, map_location="cpu", weights_only=True)
+                cfg = transfer_config(ckpt["config"], ckpt["config_hash"], row, task, section.get("train") or {})
+                run_dir = layout.root / "runs" / layout.preset / "transfer" / task / row / f"seed{seed}"
+                res = train(cfg, seed, run_dir, RunInputs(root, kind, None, parent), show_progress=False,
+                            tracking=tracking, experiment=f"tlvit-{layout.preset}-tlalign_table5",
+                            tags={"transfer_task": task, "parent_row": row})
+                seeds.append({"seed": seed, "top1": res["top1"], "config_hash": config_hash(cfg),
+                              "mlflow_run_id": res.get("mlflow_run_id"), "epochs": res["epochs"]})
+                log.info("transfer %s -> %s seed %d: top-1 %.2f", row, task, seed, res["top1"])
+            out.append({"row": row, "task": task, "present": root is not None, "seeds": seeds})
+    return out
+
+
+def finished_seeds(layout, row: str) -> list[int]:
+    """The seeds of a row's metrics file (a finished row), or none."""
+    path = layout.row_metrics(row)
+    if not path.is_file():
+        return []
+    return [run["seed"] for run in json.loads(path.read_text())["runs"]]
