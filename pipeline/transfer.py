@@ -20,7 +20,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    # the fine-tunes log their epochs like training does: the prefix says which stage trains here
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s transfer: %(message)s")
     params = load_params(args.params)
     section = preset_section(params, params_path=args.params)["transfer"]
     layout = Layout(params["preset"])

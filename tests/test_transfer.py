@@ -126,3 +126,12 @@ def test_the_table_gives_paired_deltas_over_common_seeds():
     cells = [c.strip() for c in pair.strip("|").split("|")][1:]
     assert cells[:4] == ["+0.90 / —", "+0.20 / —", "+0.20 / —", "+0.40 / —"]  # the paper's Δ per set; none measured
     assert cells[4] == "— / +1.17 [+0.45, +1.88]"  # digits (no paper value): mean of (1.0, 1.5, 1.0), t-interval
+
+
+def test_the_stage_outputs_exist_when_there_is_nothing_to_fine_tune(tmp_path):
+    """A preset with no task (tiny-imagenet) or none of the table's rows trained (embedded): DVC needs the stage's
+    output folders to exist all the same."""
+    layout = Layout("p", tmp_path)
+    table = load_transfer_table(REPO / "experiments" / "transfer.yaml")
+    assert fine_tune_rows(layout, [], table, {"tasks": []}, lambda r: []) == []
+    assert (tmp_path / "runs" / "p" / "transfer").is_dir() and (tmp_path / "data" / "transfer" / "p").is_dir()

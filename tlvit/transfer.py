@@ -50,6 +50,9 @@ def fine_tune_rows(layout, trained: list[str], table: dict, section: dict, seeds
         raise ConfigError(f"{params_path}: transfer.rows must be `table5` or `all`, not {which!r}")
     wanted = trained if which == "all" else [r["row"] for r in table["rows"] if r["row"] in trained]
     data_root = layout.root / "data" / "transfer" / layout.preset  # apart from data/<preset>, the data stage's output
+    runs_root = layout.root / "runs" / layout.preset / "transfer"
+    for folder in (data_root, runs_root):  # the stage's outputs exist even when it has nothing to fine-tune
+        folder.mkdir(parents=True, exist_ok=True)
     out = []
     for task in section.get("tasks") or []:
         root = prepare_task(task, data_root, section.get("sources"), canvas_size=int(section.get("canvas_size", 64)))
@@ -62,7 +65,7 @@ def fine_tune_rows(layout, trained: list[str], table: dict, section: dict, seeds
                 parent = layout.run_dir(row, seed) / "checkpoint.pt"
                 ckpt = torch.load(parent, map_location="cpu", weights_only=True)
                 cfg = transfer_config(ckpt["config"], ckpt["config_hash"], row, task, section.get("train") or {})
-                run_dir = layout.root / "runs" / layout.preset / "transfer" / task / row / f"seed{seed}"
+                run_dir = runs_root / task / row / f"seed{seed}"
                 res = train(cfg, seed, run_dir, RunInputs(root, kind, None, parent), show_progress=False,
                             tracking=tracking, experiment=f"tlvit-{layout.preset}-tlalign_table5",
                             tags={"transfer_task": task, "parent_row": row})
