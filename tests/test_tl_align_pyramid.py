@@ -306,3 +306,17 @@ def test_the_rmse_figure_aligns_a_swin_through_its_windows():
     assert isinstance(aligner, PyramidLabelAligner)
     rmse = aligner.rmse_per_layer()
     assert rmse.shape == (4,) and torch.isfinite(rmse).all() and rmse[-1] > 0
+
+
+@pytest.mark.parametrize("make", [tiny_swin, tiny_pvt])
+def test_labels_keep_float32_under_the_models_autocast(make):
+    """Training on a GPU runs the forward pass (and so the hooks) under bf16 autocast; the label maths must not be
+    cast: mass stays 1 to float32 precision and the target equals the float32 forward's (up to the attention's
+    own bf16 rounding, which moves labels far less than bf16 label products would)."""
+    model = make()
+    images, labels = mixed_labels(model)
+    al = PyramidLabelAligner(labels, model.token_grid)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.forward_train(images, attn_callback=al)
+    assert al.token_targets().dtype == torch.float32
+    torch.testing.assert_close(al.token_targets().sum(-1), torch.ones(al.token_targets().shape[:2]), rtol=0, atol=2e-6)

@@ -125,10 +125,19 @@ class PyramidLabelAligner:
         self._attn: Optional[torch.Tensor] = None  # the running block's window attention, until the block ends
         self._history: List[torch.Tensor] = []  # mean label coefficients [B, K] after each block
 
+    @contextmanager
+    def _exact(self) -> Iterator[None]:
+        """Stop-gradient (Eq. 12), and the labels' own precision inside the model's autocast (the hooks run there)."""
+        with torch.no_grad(), torch.autocast(self._labels.device.type, enabled=False):
+            yield
+
     # ------------------------------------------------------------------ the operations, in forward order
     def attention(self, probs: torch.Tensor) -> None:
-        """A block's softmax attention [B', heads, n, m]: kept (head-averaged) until its block ends."""
-        self._attn = probs.detach().to(self._labels.dtype).mean(dim=1)
+        """A block's softmax attention [B', heads, n, m]: kept (head-averaged, rows normalised: Table 10's
+        Norm(W^s), which also undoes a 16-bit softmax's rounding of the row sums under autocast) until its block ends."""
+        with self._exact():
+            a = probs.detach().to(self._labels.dtype).mean(dim=1)
+            self._attn = a / a.sum(dim=-1, keepdim=True)
 
     def _end_block(self, mix) -> None:
         """A block ended: labels <- Norm(A Y + Y) (or A Y for no_norm), A Y given by `mix(attention)`."""
@@ -136,7 +145,7 @@ class PyramidLabelAligner:
         if attn is None:
             raise RuntimeError(f"block {layer} ended without reporting its attention")
         if self.variant != "layers" or layer in self.layers:
-            with torch.no_grad():
+            with self._exact():
                 mixed = mix(attn)
                 self._labels = mixed if self.variant == "no_norm" else (mixed + self._labels) / 2
         self._history.append(self._labels.mean(dim=(1, 2)))
@@ -160,12 +169,12 @@ class PyramidLabelAligner:
 
     def merge(self) -> None:
         """Swin's patch merging: 2x2 tokens become one."""
-        with torch.no_grad():
+        with self._exact():
             self._labels = merge_2x2(self._labels)
 
     def embed(self, conv: torch.nn.Conv2d) -> None:
         """A PVT-v2 stage's overlapping patch embedding: the labels under each kernel window."""
-        with torch.no_grad():
+        with self._exact():
             self._labels = aggregate(self._labels, conv.kernel_size[0], conv.stride[0], conv.padding[0])
 
     # ------------------------------------------------------------------ hooks on timm's modules
