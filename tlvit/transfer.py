@@ -14,11 +14,11 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from pathlib import Path
 
 from tlvit.config import ConfigError, config_hash, set_dotted
 
 log = logging.getLogger(__name__)
+
 
 def transfer_config(parent_cfg: dict, parent_hash: str, row: str, task: str, recipe: dict,
                     where: str = "params.yaml transfer.train") -> dict:
