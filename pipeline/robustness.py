@@ -14,7 +14,7 @@ from tlvit.io import write_json
 from tlvit.layout import Layout
 from tlvit.provenance import git_commit
 from tlvit.robustness import measure_rows
-from tlvit.tables import ROBUSTNESS_TABLE, load_robustness_table
+from tlvit.tables import ROBUSTNESS_TABLE, load_column_table
 
 
 def main(argv=None) -> None:
@@ -25,7 +25,7 @@ def main(argv=None) -> None:
     params = load_params(args.params)
     sections = preset_section(params, params_path=args.params)
     layout = Layout(params["preset"])
-    table = load_robustness_table(ROBUSTNESS_TABLE)
+    table = load_column_table(ROBUSTNESS_TABLE)
     rows = measure_rows(layout, list(pipeline_rows(params)), table, sections["robustness"], params_path=args.params)
     write_json(layout.metrics_dir / "robustness.json", {"preset": params["preset"], "commit": git_commit(),
                                                          "date": dt.date.today().isoformat(), "rows": rows})

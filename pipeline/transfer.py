@@ -12,7 +12,7 @@ from tlvit.config import load_params, pipeline_rows, preset_section
 from tlvit.io import write_json
 from tlvit.layout import Layout
 from tlvit.provenance import git_commit
-from tlvit.tables import TRANSFER_TABLE, load_transfer_table
+from tlvit.tables import TRANSFER_TABLE, load_column_table
 from tlvit.transfer import fine_tune_rows, finished_seeds
 
 
@@ -25,7 +25,7 @@ def main(argv=None) -> None:
     params = load_params(args.params)
     section = preset_section(params, params_path=args.params)["transfer"]
     layout = Layout(params["preset"])
-    rows = fine_tune_rows(layout, list(pipeline_rows(params)), load_transfer_table(TRANSFER_TABLE), section,
+    rows = fine_tune_rows(layout, list(pipeline_rows(params)), load_column_table(TRANSFER_TABLE), section,
                           lambda row: finished_seeds(layout, row), params_path=args.params)
     path = layout.metrics_dir / "transfer.json"
     write_json(path, {"preset": params["preset"], "commit": git_commit(), "date": dt.date.today().isoformat(),

@@ -94,9 +94,9 @@ def test_autoattack_stays_in_its_ball_and_breaks_a_fragile_classifier():
 
 def test_table6_renders_paper_next_to_reproduced_and_the_paired_deltas():
     from tlvit.report.robustness import render
-    from tlvit.tables import load_robustness_table
+    from tlvit.tables import ROBUSTNESS_TABLE, load_column_table
 
-    table = load_robustness_table()
+    table = load_column_table(ROBUSTNESS_TABLE)
     assert [r["row"] for r in table["rows"]][:2] == ["deit_t_cutmix", "deit_t_tlalign"]
     seeds = lambda base, shift: [{"seed": s, "val": base + shift + s, "v2": 50.0 + shift, "c": 40.0 - shift,  # noqa: E731
                                   "c_kind": "mean_error", "autoattack": 1.0 + s} for s in range(3)]

@@ -65,19 +65,25 @@ def test_label_mass_is_preserved_and_labels_move(variant):
     assert al.rmse_per_layer().shape == (4,)
 
 
+def _block_inputs(model, block_type, images) -> dict:
+    """block -> the positional arguments it was called with in one forward pass of `images` (no gradient)."""
+    inputs = {}
+    hooks = [m.register_forward_pre_hook(lambda m, a: inputs.__setitem__(m, a))
+             for m in model.modules() if isinstance(m, block_type)]
+    with torch.no_grad():
+        model(images)
+    for h in hooks:
+        h.remove()
+    return inputs
+
+
 def _reference_target(model, images, labels):
     """TL-Align's target through the Swin stages, float64, as one global [N, N] attention per block: token i attends
     to j iff both fall in the same window after the cyclic shift by -s; the relative position bias is indexed by
     their in-window offsets, and pairs from different regions of the shifted image get -100 (Swin's mask)."""
     from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock
 
-    inputs = {}
-    hooks = [m.register_forward_pre_hook(lambda m, a: inputs.__setitem__(m, a[0]))
-             for m in model.modules() if isinstance(m, SwinTransformerBlock)]
-    with torch.no_grad():
-        model(images)
-    for h in hooks:
-        h.remove()
+    inputs = {blk: args[0] for blk, args in _block_inputs(model, SwinTransformerBlock, images).items()}
 
     B, T, K = labels.coeffs.shape
     H, W = model.token_grid
@@ -223,13 +229,7 @@ def _pvt_reference_target(model, images, labels):
     patch embedding sums the labels under its kernel (zero padding outside), normalised; per block Y <- (A Y_k + Y)/2."""
     from timm.models import pvt_v2
 
-    inputs = {}
-    hooks = [m.register_forward_pre_hook(lambda m, a: inputs.__setitem__(m, a))
-             for m in model.modules() if isinstance(m, pvt_v2.Block)]
-    with torch.no_grad():
-        model(images)
-    for h in hooks:
-        h.remove()
+    inputs = _block_inputs(model, pvt_v2.Block, images)
     B, _, K = labels.coeffs.shape
     H, W = model.token_grid
     Y = labels.coeffs[:, 1:].double().reshape(B, H, W, K)

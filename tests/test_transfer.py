@@ -13,7 +13,7 @@ from tlvit.data.canvases import CanvasSpec, write_canvases
 from tlvit.data.transfer_sets import prepare_task
 from tlvit.layout import Layout
 from tlvit.report.transfer import render
-from tlvit.tables import load_transfer_table
+from tlvit.tables import load_column_table
 from tlvit.train import RunInputs, load_parent_weights, reported_weights, train
 from tlvit.transfer import fine_tune_rows, finished_seeds, transfer_config
 
@@ -99,7 +99,7 @@ def test_the_stage_fine_tunes_every_finished_seed_and_the_table_pairs_them(paren
     section = {"rows": "all", "tasks": ["digits", "cifar10"], "sources": {}, "canvas_size": 64,
                "train": {"epochs": 1, "warmup_epochs": 0, "batch_size": 64, "workers": 0}}
     torch.set_num_threads(1)
-    table = load_transfer_table(REPO / "experiments" / "transfer.yaml")
+    table = load_column_table(REPO / "experiments" / "transfer.yaml")
     records = fine_tune_rows(layout, ["deit_s_cutmix"], table, section, lambda r: finished_seeds(layout, r),
                              tracking=False)
     digits = next(r for r in records if r["task"] == "digits")
@@ -116,7 +116,7 @@ def test_the_stage_fine_tunes_every_finished_seed_and_the_table_pairs_them(paren
 
 
 def test_the_table_gives_paired_deltas_over_common_seeds():
-    table = load_transfer_table(REPO / "experiments" / "transfer.yaml")
+    table = load_column_table(REPO / "experiments" / "transfer.yaml")
     rec = lambda row, vals: {"row": row, "task": "digits", "present": True,  # noqa: E731
                              "seeds": [{"seed": s, "top1": v} for s, v in enumerate(vals)]}
     record = {"preset": "e", "commit": "abc", "date": "d",
@@ -132,6 +132,6 @@ def test_the_stage_outputs_exist_when_there_is_nothing_to_fine_tune(tmp_path):
     """A preset with no task (tiny-imagenet) or none of the table's rows trained (embedded): DVC needs the stage's
     output folders to exist all the same."""
     layout = Layout("p", tmp_path)
-    table = load_transfer_table(REPO / "experiments" / "transfer.yaml")
+    table = load_column_table(REPO / "experiments" / "transfer.yaml")
     assert fine_tune_rows(layout, [], table, {"tasks": []}, lambda r: []) == []
     assert (tmp_path / "runs" / "p" / "transfer").is_dir() and (tmp_path / "data" / "transfer" / "p").is_dir()

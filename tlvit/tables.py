@@ -251,30 +251,19 @@ def _set_top_level(text: str, new: str, flow_pattern: str, after: str | None = N
     return text[:m.end()] + "\n" + new + text[m.end():]
 
 
-# TL-Align Table 6 (robustness): columns of several measures, so a file of its own (stage `robustness`)
+# TL-Align Tables 6 (robustness) and 5 (transfer): columns of several measures per row, so files of their own
+# (stages `robustness` and `transfer`), one schema for both
 ROBUSTNESS_TABLE = "experiments/robustness.yaml"
-
-
-def load_robustness_table(path: str | Path = ROBUSTNESS_TABLE) -> dict:
-    """experiments/robustness.yaml: the paper's Table 6 (rows with `paper` values per column, `vs` pairs)."""
-    try:
-        table = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: cannot read the robustness table ({e})") from None
-    if not isinstance(table.get("rows"), list) or not all("row" in r for r in table["rows"]):
-        raise ConfigError(f"{path}: `rows` must list {{row, label, paper: {{column: value}}}} entries")
-    return table
-
-
 TRANSFER_TABLE = "experiments/transfer.yaml"
 
 
-def load_transfer_table(path: str | Path = TRANSFER_TABLE) -> dict:
-    """experiments/transfer.yaml: the paper's Table 5 (rows with `paper` values per set, `vs` pairs)."""
+def load_column_table(path: str | Path) -> dict:
+    """experiments/robustness.yaml or transfer.yaml: a paper table whose rows have `paper` values per column (a
+    measure, or a downstream set) and `vs` pairs."""
     try:
         table = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: cannot read the transfer table ({e})") from None
+        raise ConfigError(f"{path}: cannot read the table ({e})") from None
     if not isinstance(table.get("rows"), list) or not all("row" in r for r in table["rows"]):
-        raise ConfigError(f"{path}: `rows` must list {{row, label, paper: {{set: value}}}} entries")
+        raise ConfigError(f"{path}: `rows` must list {{row, label, paper: {{column: value}}}} entries")
     return table

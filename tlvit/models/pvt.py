@@ -14,26 +14,23 @@ blocks on 16x16 -> 8x8 -> 4x4 -> 2x2 tokens, spatial reduction 4 / 2 / 1 / 1).
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Tuple
 
-import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.pvt_v2 import PyramidVisionTransformerV2, checkpoint_filter_fn
 
-from .lvvit import TrainOutput
+from .pooled import PooledTraining
 
 __all__ = ["PvtTL"]
 
 
-class PvtTL(PyramidVisionTransformerV2):
+class PvtTL(PooledTraining, PyramidVisionTransformerV2):
     """timm's PVT-v2, trainable by the harness (class prediction only: no token-labeling head)."""
 
-    label_target = "mean_tokens"  # what TL-Align trains a pooling model against
+    family = "PVT"
 
-    def __init__(self, *args, img_size: int = 224, aux_head: bool = False, **kwargs) -> None:
-        if aux_head:
-            raise ValueError("token labeling's auxiliary head is defined for ViT token sequences, not for PVT")
+    def __init__(self, *args, img_size: int = 224, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         side = math.ceil(img_size / 4)  # the 7x7 stride-4 patch embedding with padding 3
         self._grid = (side, side)
@@ -42,19 +39,6 @@ class PvtTL(PyramidVisionTransformerV2):
     def token_grid(self) -> Tuple[int, int]:
         """(H, W) of the first stage's tokens (square inputs of the constructor's img_size)."""
         return self._grid
-
-    def forward_train(self, x: torch.Tensor, mix_box: Optional[Any] = None, attn_callback: Optional[Any] = None,
-                      return_attn: bool = False) -> TrainOutput:
-        """Class logits; with a :class:`~tlvit.tl_align_pyramid.PyramidLabelAligner` as `attn_callback`, its labels
-        follow this forward pass. MixToken and returned attention maps are ViT features: refused here."""
-        if mix_box is not None or return_attn:
-            raise ValueError("MixToken and return_attn need a ViT's token sequence; PVT has neither")
-        if attn_callback is None:
-            return TrainOutput(self(x), None, None)
-        if not hasattr(attn_callback, "attached"):
-            raise TypeError(f"PVT aligns labels with a PyramidLabelAligner, not {type(attn_callback).__name__}")
-        with attn_callback.attached(self):
-            return TrainOutput(self(x), None, None)
 
 
 def _create_pvt(variant: str, pretrained: bool = False, **kwargs) -> PvtTL:

@@ -11,45 +11,26 @@ DeiT analogs are (64 px canvases, 4x4 patches, windows of 4x4 tokens, three stag
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Tuple
 
-import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.swin_transformer import SwinTransformer, checkpoint_filter_fn
 
-from .lvvit import TrainOutput
+from .pooled import PooledTraining
 
 __all__ = ["SwinTL"]
 
 
-class SwinTL(SwinTransformer):
+class SwinTL(PooledTraining, SwinTransformer):
     """timm's Swin Transformer, trainable by the harness (class prediction only: no token-labeling head)."""
 
-    label_target = "mean_tokens"  # what TL-Align trains a pooling model against
-
-    def __init__(self, *args, aux_head: bool = False, **kwargs) -> None:
-        if aux_head:
-            raise ValueError("token labeling's auxiliary head is defined for ViT token sequences, not for Swin")
-        super().__init__(*args, **kwargs)
+    family = "Swin"
 
     @property
     def token_grid(self) -> Tuple[int, int]:
         """(H, W) of the first stage's tokens."""
         return tuple(self.patch_embed.grid_size)
-
-    def forward_train(self, x: torch.Tensor, mix_box: Optional[Any] = None, attn_callback: Optional[Any] = None,
-                      return_attn: bool = False) -> TrainOutput:
-        """Class logits; with a :class:`~tlvit.tl_align_pyramid.PyramidLabelAligner` as `attn_callback`, its labels
-        follow this forward pass. MixToken and returned attention maps are ViT features: refused here."""
-        if mix_box is not None or return_attn:
-            raise ValueError("MixToken and return_attn need a ViT's token sequence; Swin has neither")
-        if attn_callback is None:
-            return TrainOutput(self(x), None, None)
-        if not hasattr(attn_callback, "attached"):
-            raise TypeError(f"Swin aligns labels with a PyramidLabelAligner, not {type(attn_callback).__name__}")
-        with attn_callback.attached(self):
-            return TrainOutput(self(x), None, None)
 
 
 def _create_swin(variant: str, pretrained: bool = False, **kwargs) -> SwinTL:

@@ -18,7 +18,9 @@ from tlvit.report.figures import curves_figure, delta_figure, path_figure, scali
 from tlvit.report.headline import HEADLINE_PATH, load_headline, write_headline
 from tlvit.report.frames import claims_frame, provenance_frame, render_markdown, table_frame
 from tlvit.report.results import DONE, Results
-from tlvit.tables import TABLES_DIR, Table, load_tables
+from tlvit.report import robustness as table6
+from tlvit.report import transfer as table5
+from tlvit.tables import ROBUSTNESS_TABLE, TABLES_DIR, TRANSFER_TABLE, Table, load_column_table, load_tables
 
 log = logging.getLogger(__name__)
 
@@ -117,23 +119,13 @@ def build_report(params: dict, *, tables_dir: str | Path = TABLES_DIR, rows_path
         if "rows" in counts:
             parts.append(f"{counts['rows'][0]} of {counts['rows'][1]} trained rows evaluated again with `tlvit eval`")
         index.append(f"\n## Checkpoints\n\n[checkpoints.md](checkpoints.md): {'; '.join(parts)}.")
-    robustness = layout.metrics_dir / "robustness.json"
-    if robustness.is_file():
-        from tlvit.report.robustness import render as render_robustness
-        from tlvit.tables import ROBUSTNESS_TABLE, load_robustness_table
-
-        record = json.loads(robustness.read_text())
-        write_text(out / "tlalign_table6.md", render_robustness(load_robustness_table(ROBUSTNESS_TABLE), record))
+    record = _column_table(layout.metrics_dir / "robustness.json", ROBUSTNESS_TABLE, table6.render, out / "tlalign_table6.md")
+    if record is not None:
         n = sum(len(r["seeds"]) for r in record["rows"])
         index.append(f"\n## Robustness (TL-Align Table 6)\n\n[tlalign_table6.md](tlalign_table6.md): {n} checkpoint(s) "
                      f"of {len(record['rows'])} row(s) on the shifted, corrupted and attacked sets.")
-    transfer = layout.metrics_dir / "transfer.json"
-    if transfer.is_file():
-        from tlvit.report.transfer import render as render_transfer
-        from tlvit.tables import TRANSFER_TABLE, load_transfer_table
-
-        record = json.loads(transfer.read_text())
-        write_text(out / "tlalign_table5.md", render_transfer(load_transfer_table(TRANSFER_TABLE), record))
+    record = _column_table(layout.metrics_dir / "transfer.json", TRANSFER_TABLE, table5.render, out / "tlalign_table5.md")
+    if record is not None:
         n = sum(len(r["seeds"]) for r in record["rows"])
         index.append(f"\n## Transfer learning (TL-Align Table 5)\n\n[tlalign_table5.md](tlalign_table5.md): {n} "
                      f"fine-tune(s) of {len({r['row'] for r in record['rows']})} row(s) on "
@@ -222,3 +214,12 @@ def _token_grid(cfg: dict, num_classes: int) -> tuple[int, int] | None:
     except Exception as e:
         log.warning("report: cannot build %s for its token grid (%s)", cfg.get("model"), e)
         return None
+
+
+def _column_table(metrics: Path, table_path: str, render, md: Path) -> dict | None:
+    """A stage's record (TL-Align Tables 5 and 6) rendered against its paper table into `md`; None before the stage ran."""
+    if not metrics.is_file():
+        return None
+    record = json.loads(metrics.read_text())
+    write_text(md, render(load_column_table(table_path), record))
+    return record
