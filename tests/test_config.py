@@ -223,6 +223,18 @@ def test_defaults_merge_under_every_preset_and_the_stages_depend_on_them(tmp_pat
     assert load_params(tmp_path / "params.yaml")["presets"]["embedded"]["train"]["label_smoothing"] == 0.2
 
 
+def test_every_preset_has_every_section_a_stage_reads():
+    """DVC refuses a stage whose `presets.${preset}.<section>` param is missing (even `{}` will do), so every preset
+    and the base it names carry every section a stage lists."""
+    raw = yaml.safe_load(PARAMS.read_text())
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    wanted = {p.split(".")[-1] for stage in stages.values() for p in (stage.get("do", stage).get("params") or [])
+              if isinstance(p, str) and p.startswith(("presets.${preset}.", "presets.${base}."))}
+    assert {"train", "transfer", "segmentation"} <= wanted
+    missing = {name: sorted(wanted - set(preset)) for name, preset in raw["presets"].items() if wanted - set(preset)}
+    assert not missing, f"params.yaml: presets without these sections: {missing}"
+
+
 def test_variants_of_embedded_take_its_row_analogs_unless_they_set_their_own():
     from tlvit.config import load_params, resolve_run_config
 

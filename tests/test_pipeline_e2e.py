@@ -27,7 +27,7 @@ def test_smoke_repro_end_to_end(smoke_repo, tmp_path):
     first = sh(["dvc", "repro"], repo, dict(env, TLVIT_RECORD_IMPORTS=str(tmp_path / "imports")))
     stages = ran_stages(first.stdout)
     assert {"data", "annotator", "scoremaps", "train@lvvit_s_baseline", "train@lvvit_s_token_labeling", "checkpoints", "reeval",
-            "robustness", "transfer", "report"} <= set(stages)
+            "robustness", "transfer", "segmentation", "report"} <= set(stages)
 
     # every repository module a stage loaded is one of its deps, so editing it re-runs the stage
     import yaml
@@ -69,6 +69,7 @@ def test_smoke_repro_end_to_end(smoke_repo, tmp_path):
     # (smoke: `rows: all`); the clean top-1 it measures is the run's own, and the attack never raises accuracy
     record = json.loads((repo / "metrics" / "smoke" / "robustness.json").read_text())
     assert {r["row"] for r in record["rows"]} == {"lvvit_s_baseline", "lvvit_s_token_labeling"}
+    trained_rows = ("lvvit_s_baseline", "lvvit_s_token_labeling")
     trained = {r["seed"]: r["top1"] for r in json.loads((repo / "metrics" / "smoke" / "rows" / "lvvit_s_baseline.json")
                                                          .read_text())["runs"]}
     for r in record["rows"]:
@@ -93,15 +94,37 @@ def test_smoke_repro_end_to_end(smoke_repo, tmp_path):
     table5 = (repo / "reports" / "smoke" / "tlalign_table5.md").read_text()
     assert "TL-Align Table 5" in table5 and "digits paper / reproduced" in table5
 
+    # stage `segmentation` (LV-ViT slides Tables 5-6, TL-Align Table 3): every trained row's seeds with both heads
+    # (smoke: `rows: all`, a few iterations) on the canvases' maps, scored single- and multi-scale
+    record = json.loads((repo / "metrics" / "smoke" / "segmentation.json").read_text())
+    assert record["present"] and record["dataset"] == "canvases"
+    assert {(r["row"], r["head"]) for r in record["runs"]} == {(row, head) for row in trained_rows
+                                                               for head in ("fcn", "upernet")}
+    for r in record["runs"]:
+        assert sorted(s["seed"] for s in r["seeds"]) == sorted(trained)
+        for s in r["seeds"]:
+            assert all(0 <= s[k] <= 100 for k in ("miou", "pacc", "macc", "miou_ms", "pacc_ms", "macc_ms")), s
+            result = repo / "runs" / "smoke" / "segmentation" / r["head"] / r["row"] / f"seed{s['seed']}" / "result.json"
+            assert json.loads(result.read_text())["iteration"] == 6
+    slides5 = (repo / "reports" / "smoke" / "lvvit_slides_table5.md").read_text()
+    line = next(x for x in slides5.splitlines() if x.startswith("| LV-ViT-S + UperNet + token labeling |"))
+    seed0 = next(r for r in record["runs"] if r["row"] == "lvvit_s_token_labeling" and r["head"] == "upernet")["seeds"][0]
+    assert f"{seed0['miou']:.2f}" in line and "47.9" in line  # reproduced next to the paper's
+
     # MLflow holds both runs with params and one metric point per epoch
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    rows = {r.data.tags["row"]: r for r in runs if "tlvit.mirror_of" not in r.data.tags and "transfer_task" not in r.data.tags}
+    rows = {r.data.tags["row"]: r for r in runs if "tlvit.mirror_of" not in r.data.tags
+            and "transfer_task" not in r.data.tags and "segmentation_head" not in r.data.tags}
     assert set(rows) == {"lvvit_s_baseline", "lvvit_s_token_labeling"}
     fine_tunes = client.search_runs([client.get_experiment_by_name("tlvit-smoke-tlalign_table5").experiment_id])
     assert {r.data.tags["row"] for r in fine_tunes} == {"lvvit_s_baseline@digits", "lvvit_s_token_labeling@digits"}
+    segmenters = client.search_runs([client.get_experiment_by_name("tlvit-smoke-segmentation").experiment_id])
+    assert sorted(r.data.tags["row"] for r in segmenters) == sorted(f"{row}+{head}" for row in trained_rows
+                                                                    for head in ("fcn", "upernet"))
+    assert all(r.info.status == "FINISHED" and r.data.metrics["miou"] >= 0 for r in segmenters)
     # every table's experiment holds every row of it (a run's copies in its row's other tables' experiments)
     for row, run in rows.items():
         for table in run.data.tags["tables"].split(","):
@@ -146,7 +169,8 @@ def test_smoke_repro_end_to_end(smoke_repo, tmp_path):
     # changing one row re-runs only that row and the report
     rows_yaml.write_text(rows_yaml.read_text().replace("    supervision.kind: ce\n", "    supervision.kind: ce\n    label_smoothing: 0.2\n"))
     third = sh(["dvc", "repro"], repo, env)
-    assert sorted(ran_stages(third.stdout)) == ["reeval", "report", "robustness", "train@lvvit_s_baseline", "transfer"]
+    assert sorted(ran_stages(third.stdout)) == ["reeval", "report", "robustness", "segmentation", "train@lvvit_s_baseline",
+                                                "transfer"]
 
 
 def test_unknown_row_fails_clearly_and_keeps_outputs(smoke_repo):

@@ -32,9 +32,11 @@ class EvalSetup:
 
 
 def load_for_eval(checkpoint: str | Path, num_classes: int, model_name: str | None = None,
-                  data_kind: str = "imagefolder", img_size: int | None = None) -> EvalSetup:
+                  data_kind: str = "imagefolder", img_size: int | None = None,
+                  drop_path: float | None = None) -> EvalSetup:
     """The model and its evaluation settings from a checkpoint file (see the module docstring); img_size: evaluate
-    at another resolution (the position grid resampled, as for a fine-tune)."""
+    at another resolution (the position grid resampled, as for a fine-tune); drop_path: the stochastic-depth rate to
+    build it with (a tlvit run's; a fine-tune that trains it further sets its own)."""
     from tlvit.models.build import build_model
     from tlvit.models.lvvit import load_checkpoint_resized
     from tlvit.train import reported_weights
@@ -50,6 +52,8 @@ def load_for_eval(checkpoint: str | Path, num_classes: int, model_name: str | No
         if model_name and model_name != cfg["model"]:
             raise ValueError(f"{path}: a tlvit checkpoint of model {cfg['model']!r}, not {model_name!r}; drop --model")
         cfg = dict(cfg, img_size=img_size or cfg["img_size"])
+        if drop_path is not None:
+            cfg["drop_path"] = drop_path
         model = build_model(cfg, num_classes)
         load_checkpoint_resized(model, reported_weights(ckpt))
         mean, std = DATA_STATS[data_kind]

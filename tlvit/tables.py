@@ -255,6 +255,9 @@ def _set_top_level(text: str, new: str, flow_pattern: str, after: str | None = N
 # (stages `robustness` and `transfer`), one schema for both
 ROBUSTNESS_TABLE = "experiments/robustness.yaml"
 TRANSFER_TABLE = "experiments/transfer.yaml"
+# The segmentation tables (stage `segmentation`): the same schema, each row naming its decode head too
+SEGMENTATION_TABLES = {key: f"experiments/segmentation/{key}.yaml"
+                       for key in ("lvvit_slides_table5", "lvvit_slides_table6", "tlalign_table3")}
 
 
 def load_column_table(path: str | Path) -> dict:
@@ -267,3 +270,15 @@ def load_column_table(path: str | Path) -> dict:
     if not isinstance(table.get("rows"), list) or not all("row" in r for r in table["rows"]):
         raise ConfigError(f"{path}: `rows` must list {{row, label, paper: {{column: value}}}} entries")
     return table
+
+
+def load_segmentation_tables() -> dict[str, dict]:
+    """Every segmentation table (SEGMENTATION_TABLES), each row's `head` checked."""
+    from tlvit.models.segmenter import HEADS
+
+    tables = {key: load_column_table(path) for key, path in SEGMENTATION_TABLES.items()}
+    for key, table in tables.items():
+        bad = [r["row"] for r in table["rows"] if r.get("head") not in HEADS]
+        if bad:
+            raise ConfigError(f"{SEGMENTATION_TABLES[key]}: row {bad[0]!r} needs `head:` one of {', '.join(HEADS)}")
+    return tables

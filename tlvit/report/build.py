@@ -19,8 +19,10 @@ from tlvit.report.headline import HEADLINE_PATH, load_headline, write_headline
 from tlvit.report.frames import claims_frame, provenance_frame, render_markdown, table_frame
 from tlvit.report.results import DONE, Results
 from tlvit.report import robustness as table6
+from tlvit.report import segmentation as seg_tables
 from tlvit.report import transfer as table5
-from tlvit.tables import ROBUSTNESS_TABLE, TABLES_DIR, TRANSFER_TABLE, Table, load_column_table, load_tables
+from tlvit.tables import (ROBUSTNESS_TABLE, TABLES_DIR, TRANSFER_TABLE, Table, load_column_table, load_segmentation_tables,
+                          load_tables)
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +132,17 @@ def build_report(params: dict, *, tables_dir: str | Path = TABLES_DIR, rows_path
         index.append(f"\n## Transfer learning (TL-Align Table 5)\n\n[tlalign_table5.md](tlalign_table5.md): {n} "
                      f"fine-tune(s) of {len({r['row'] for r in record['rows']})} row(s) on "
                      f"{len({r['task'] for r in record['rows']})} downstream set(s).")
+    seg_path = layout.metrics_dir / "segmentation.json"
+    if seg_path.is_file():
+        record = json.loads(seg_path.read_text())
+        links = []
+        for key, table in load_segmentation_tables().items():
+            write_text(out / f"{key}.md", seg_tables.render(key, table, record))
+            links.append(f"[{key}.md]({key}.md)")
+        n = sum(len(r["seeds"]) for r in record["runs"])
+        index.append(f"\n## Semantic segmentation (LV-ViT slides Tables 5-6, TL-Align Table 3)\n\n{', '.join(links)}: "
+                     f"{n} fine-tune(s) of {len(record['runs'])} (row, head) pair(s) on `{record['dataset']}`"
+                     + ("" if record["present"] else " (*not present*)") + ".")
     measured = int((dev["pairs"] > 0).sum())
     index.append(f"\n## Deviations from the authors' code\n\n[deviations.md](deviations.md) ([CSV](deviations.csv)): "
                  f"{measured} of the {len(dev)} switches that change training measured with paired seeds.")
