@@ -266,3 +266,15 @@ def test_repro_all_rows_fills_every_table(tmp_path):
     assert params["rows"] == rows and params["finetunes"] == finetunes and params["preset"] == "smoke"
     assert len(rows) + len(finetunes) >= 40 and "lvvit_s_token_labeling_384" in finetunes
     assert res["all_rows"] is True and res["stages"] == ["data"]
+
+
+def test_segmentation_quick(tmp_path):
+    from tlvit.bench import segmentation
+
+    rec = load_record(tmp_path, segmentation.run(tmp_path, quick=True, device="cpu", workdir=tmp_path / "wd")["benchmark"])
+    assert set(rec["results"]) == {f"{row}+{head}" for row in segmentation.ROWS for head in ("fcn", "upernet")}
+    for res in rec["results"].values():
+        assert res["s_per_iteration"] > 0 and res["s_per_val_image"] > 0
+        # the fine-tune: the preset's 600 iterations and 2,000 val canvases at the measured rates
+        assert res["fine_tune_s"] == pytest.approx(600 * res["s_per_iteration"] + 2000 * res["s_per_val_image"])
+    assert {r["model"] for r in rec["results"].values()} == {"lvvit_e", "deit_e", "swin_e", "pvt_e"}

@@ -66,3 +66,6 @@ def test_a_released_file_is_evaluated_and_an_absent_one_is_not_downloaded(tmp_pa
     line_m = next(line for line in text.splitlines() if line.startswith("| m "))
     assert "not downloaded" in line_m and "| — | — |" in line_m  # no measured number, no Δ
     assert "16.0 (!)" in line_m and "contradicts its own figures" in text
+    assert f"Each file in `{folder}` evaluated" in text
+    unset = render_checkpoint_table({"source": "released", "dir": None, "data": str(root), "rows": list(rows.values())})
+    assert "`None`" not in unset and "params `checkpoints.dir`" in unset

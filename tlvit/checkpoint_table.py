@@ -17,7 +17,10 @@ def render_checkpoint_table(record: dict) -> str:
     rows, lines = record["rows"], []
     if record["source"] == "released":
         lines += ["## Released checkpoints: paper vs measured (LV-ViT Tables 8 and 10, TL-Align Table 1)", "",
-                  f"Each file in `{record.get('dir')}` evaluated on `{record.get('data')}` val with `tlvit eval` "
+                  (f"Each file in `{record['dir']}`" if record.get("dir") else
+                   "No folder of released files is set (params `checkpoints.dir`), so every file is *not downloaded*; "
+                   "each one present would be")
+                  + f" evaluated on `{record.get('data')}` val with `tlvit eval` "
                   "(the model's `pretrained_cfg`: resize, crop, interpolation, mean/std as the authors evaluated; LV-ViT: "
                   "`cls + 0.5·max(aux)`). Params and GMACs are counted from the model as built (torch's FlopCounterMode, "
                   "one image); LV-ViT's built params include the token-labeling head, which the README's counts leave out.",

@@ -1,10 +1,10 @@
-"""`tlvit bench [step|data|scoremaps|repro|gpu|all] [--quick] [--out DIR]`: the harness's speed (docs/benchmarks.md)."""
+"""`tlvit bench [step|data|scoremaps|segmentation|repro|gpu|all] [--quick] [--out DIR]`: the harness's speed (docs/benchmarks.md)."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-WHICH = ("step", "data", "scoremaps", "repro", "gpu", "all")
+WHICH = ("step", "data", "scoremaps", "segmentation", "repro", "gpu", "all")
 
 
 def add_parser(sub) -> None:
@@ -14,7 +14,8 @@ def add_parser(sub) -> None:
                                    "Latest results: docs/benchmarks.md.")
     p.add_argument("which", nargs="?", choices=WHICH, default="all",
                    help="step: training-step cost per supervision; data: loader with vs without score maps; "
-                        "scoremaps: generation speed and store size; repro: `dvc repro` wall times; "
+                        "scoremaps: generation speed and store size; segmentation: fine-tune cost per backbone and "
+                        "head; repro: `dvc repro` wall times; "
                         "gpu: harness vs plain PyTorch loop on a GPU (skipped without one); all (default)")
     p.add_argument("--quick", action="store_true", help="tiny sizes and one round: checks that it runs, numbers mean nothing")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="directory for the JSON records (default: %(default)s)")
@@ -80,6 +81,11 @@ def _run_all(args: argparse.Namespace, which: list[str], wd: Path, preset: str, 
 
             records.append(scoremaps.run(args.out, quick=args.quick, preset=data_preset, workdir=wd,
                                          repeats=args.rounds, device=args.device))
+        elif name == "segmentation":
+            from tlvit.bench import segmentation
+
+            records.append(segmentation.run(args.out, quick=args.quick, preset=data_preset, workdir=wd,
+                                            device=args.device))
         elif name == "repro":
             from tlvit.bench import repro
 
