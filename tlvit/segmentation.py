@@ -4,13 +4,13 @@ accuracy and mean class accuracy as mmsegmentation computes them (from torchmetr
 and multi-scale.
 
 The recipe is mmsegmentation's for ADE20K, which both papers' numbers come from: AdamW (lr 6e-5, weight decay 0.01,
-none on norms, biases and position tables), a linear warm-up then a poly schedule by iteration, a batch of 16 crops of
-512 px, cross-entropy with an auxiliary FCN head (weight 0.4), sliding-window inference, and multi-scale testing over
-the ratios 0.5-1.75 with flips. Params `segmentation` set it (the embedded presets shrink it to 64 px canvases). A
-fine-tune is resumable (a checkpoint every `checkpoint_every` iterations; each batch is a function of the seed and the
-iteration, so a resumed run draws the batches an uninterrupted one would), has its own MLflow run, and lives in
-runs/<preset>/segmentation/<head>/<row>/seed<k>. Same parent seed, same fine-tuning seed: a row and its baseline are
-paired.
+none on norms, biases, position embeddings and relative-position tables), a linear warm-up then a poly schedule by
+iteration, a batch of 16 crops of 512 px, cross-entropy with an auxiliary FCN head (weight 0.4), sliding-window
+inference, and multi-scale testing over the ratios 0.5-1.75 with flips. Params `segmentation` set it (the embedded
+presets shrink it to 64 px canvases). A fine-tune is resumable (a checkpoint every `checkpoint_every` iterations; each
+batch is a function of the seed and the iteration, so a resumed run draws the batches an uninterrupted one would), has
+its own MLflow run, and lives in runs/<preset>/segmentation/<head>/<row>/seed<k>. Same parent seed, same fine-tuning
+seed: a row and its baseline are paired.
 """
 from __future__ import annotations
 
@@ -57,21 +57,6 @@ def build_segmenter(cfg: dict, parent_checkpoint: Path, num_classes: int):
     return Segmenter(backbone, cfg["head"], num_classes, channels=cfg["channels"], aux_weight=cfg["aux_weight"]), setup
 
 
-def param_groups(model, weight_decay: float) -> list[dict]:
-    """Weight decay on weights only: none on norms, biases, position embeddings and tables, class tokens."""
-    skip = set()
-    backbone = model.features.backbone
-    if hasattr(backbone, "no_weight_decay"):
-        skip = {f"features.backbone.{n}" for n in backbone.no_weight_decay()}
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        plain = p.ndim <= 1 or name in skip or "relative_position_bias_table" in name or "pos_embed" in name
-        (no_decay if plain else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def lr_factor(it: int, cfg: dict) -> float:
     """mmsegmentation's schedule: poly decay by iteration (to 0), times a linear warm-up from `warmup_ratio`."""
     factor = (1 - it / cfg["iterations"]) ** cfg["poly_power"]
@@ -105,7 +90,8 @@ class _Batches(torch.utils.data.Dataset):
         idx = batch_indices(self.seed, it, self.batch, len(self.dataset))
         xs, ys = [], []
         for slot in range(self.rank, self.batch, self.world):
-            x, y = self.dataset.sample(int(idx[slot]), self.geometry, np.random.default_rng(hash_seed(self.seed, it, slot, 1)))
+            rng = np.random.default_rng(hash_seed(self.seed, it, slot, 1))
+            x, y = self.dataset.sample(int(idx[slot]), self.geometry, rng)
             xs.append(x)
             ys.append(y)
         return torch.stack(xs), torch.stack(ys)
@@ -118,7 +104,9 @@ def train_segmenter(cfg: dict, seed: int, run_dir: Path, train_set, val_set, par
     """Train (or resume) one fine-tune and score it; returns {"metrics": {...}, "config_hash", "mlflow_run_id"}.
     A finished run (result.json of this config) is read back, not trained again. stop_after: leave after that many
     iterations with a checkpoint (tests use it to interrupt a run)."""
-    from tlvit.data.segmentation_sets import Geometry
+    from timm.optim import create_optimizer_v2
+
+    from tlvit.data.segmentation_sets import IGNORE_INDEX, Geometry
     from tlvit.distributed import init_distributed
     from tlvit.io import save_torch_atomic, write_json
     from tlvit.provenance import git_commit, versions
@@ -136,7 +124,8 @@ def train_segmenter(cfg: dict, seed: int, run_dir: Path, train_set, val_set, par
     torch.manual_seed(seed)
     model, setup = build_segmenter(cfg, parent_checkpoint, train_set.num_classes)
     model.to(dev)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg["weight_decay"]), lr=cfg["lr"], betas=(0.9, 0.999))
+    # as tlvit.train builds it: timm's AdamW, no decay on norms, biases and the backbone's no_weight_decay()
+    optimizer = create_optimizer_v2(model, "adamw", lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     start, supersedes, resume_rng = 0, None, None
     if ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
@@ -150,7 +139,8 @@ def train_segmenter(cfg: dict, seed: int, run_dir: Path, train_set, val_set, par
             supersedes = supersede_run(run_dir, state["config_hash"])
             ckpt_path.replace(run_dir / f"checkpoint.pt.{state['config_hash']}.superseded")
     tracker = open_tracker(run_dir, experiment, f"{cfg['row']} seed {seed}", cfg,
-                           {"row": cfg["row"], "seed": seed, "config_hash": chash, "git_commit": git_commit(), **(tags or {})},
+                           {"row": cfg["row"], "seed": seed, "config_hash": chash, "git_commit": git_commit(),
+                            **(tags or {})},
                            enabled=tracking and env.is_main, supersedes=supersedes)
     net = model
     if env.enabled:
@@ -175,9 +165,9 @@ def train_segmenter(cfg: dict, seed: int, run_dir: Path, train_set, val_set, par
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
         with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
             logits, aux = net(x, with_aux=True)
-            loss = F.cross_entropy(logits.float(), y, ignore_index=255)
+            loss = F.cross_entropy(logits.float(), y, ignore_index=IGNORE_INDEX)
             if aux is not None:
-                loss = loss + cfg["aux_weight"] * F.cross_entropy(aux.float(), y, ignore_index=255)
+                loss = loss + cfg["aux_weight"] * F.cross_entropy(aux.float(), y, ignore_index=IGNORE_INDEX)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"{run_dir}: loss {loss.item()} at iteration {it}")
         optimizer.zero_grad(set_to_none=True)

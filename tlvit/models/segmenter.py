@@ -10,10 +10,10 @@ A `Segmenter` is a trained backbone (any tlvit model: LV-ViT, DeiT, Swin, PVT-v2
   mmsegmentation's UperNet configs that the papers' segmentation results come from.
 
 Pyramid models give their four stages (timm's `forward_intermediates`; an embedded analog with three stages gets
-its fourth level by 2x max-pooling the third, as mmsegmentation's neck makes its coarsest level). Plain ViTs give the patch tokens after four
-evenly spaced blocks (mmsegmentation's ViT `out_indices`, e.g. 2, 5, 8, 11 of 12), resampled to 4, 2, 1 and 1/2 x
-the patch grid as mmsegmentation's `MultiLevelNeck` does (1x1 conv, bilinear resize, 3x3 conv) — the neck that its
-DeiT + UperNet configs put between the two.
+its fourth level by 2x max-pooling the third, as mmsegmentation's neck makes its coarsest level). Plain ViTs give
+the patch tokens after four evenly spaced blocks (mmsegmentation's ViT `out_indices`, e.g. 2, 5, 8, 11 of 12),
+resampled to 4, 2, 1 and 1/2 x the patch grid as mmsegmentation's `MultiLevelNeck` does (1x1 conv, bilinear resize,
+3x3 conv) — the neck that its DeiT + UperNet configs put between the two.
 """
 from __future__ import annotations
 
@@ -117,6 +117,14 @@ class Segmenter(nn.Module):
         self.decode = UPerNetDecoder([0, 0, *self.features.channels], encoder_depth=5, decoder_channels=channels)
         self.classify = nn.Sequential(nn.Dropout2d(0.1), nn.Conv2d(channels, num_classes, 1))
         self.aux = _fcn_head(self.features.channels[2], num_classes) if aux_weight > 0 else None
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """The backbone's parameters kept out of weight decay (position embeddings and tables, class tokens), by
+        their names here: what timm's optimizer factory reads."""
+        backbone = self.features.backbone
+        names = backbone.no_weight_decay() if hasattr(backbone, "no_weight_decay") else ()
+        return {f"features.backbone.{n}" for n in names}
 
     def forward(self, x: torch.Tensor, with_aux: bool = False):
         """Logits at the input's size; with_aux (training): (logits, auxiliary logits or None)."""
