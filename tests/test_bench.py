@@ -278,3 +278,15 @@ def test_segmentation_quick(tmp_path):
         # the fine-tune: the preset's 600 iterations and 2,000 val canvases at the measured rates
         assert res["fine_tune_s"] == pytest.approx(600 * res["s_per_iteration"] + 2000 * res["s_per_val_image"])
     assert {r["model"] for r in rec["results"].values()} == {"lvvit_e", "deit_e", "swin_e", "pvt_e"}
+
+
+def test_detection_quick(tmp_path):
+    from tlvit.bench import detection, segmentation
+
+    rec = load_record(tmp_path, detection.run(tmp_path, quick=True, device="cpu", workdir=tmp_path / "wd")["benchmark"])
+    assert set(rec["results"]) == set(segmentation.ROWS)
+    for res in rec["results"].values():
+        assert res["s_per_iteration"] > 0 and res["s_per_val_image"] > 0
+        # the fine-tune: the preset's 600 iterations and 2,000 val canvases at the measured rates
+        assert res["fine_tune_s"] == pytest.approx(600 * res["s_per_iteration"] + 2000 * res["s_per_val_image"])
+    assert {r["model"] for r in rec["results"].values()} == {"lvvit_e", "deit_e", "swin_e", "pvt_e"}

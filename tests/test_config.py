@@ -230,7 +230,7 @@ def test_every_preset_has_every_section_a_stage_reads():
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     wanted = {p.split(".")[-1] for stage in stages.values() for p in (stage.get("do", stage).get("params") or [])
               if isinstance(p, str) and p.startswith(("presets.${preset}.", "presets.${base}."))}
-    assert {"train", "transfer", "segmentation"} <= wanted
+    assert {"train", "transfer", "segmentation", "detection", "data"} <= wanted
     missing = {name: sorted(wanted - set(preset)) for name, preset in raw["presets"].items() if wanted - set(preset)}
     assert not missing, f"params.yaml: presets without these sections: {missing}"
 

@@ -27,7 +27,7 @@ def test_smoke_repro_end_to_end(smoke_repo, tmp_path):
     first = sh(["dvc", "repro"], repo, dict(env, TLVIT_RECORD_IMPORTS=str(tmp_path / "imports")))
     stages = ran_stages(first.stdout)
     assert {"data", "annotator", "scoremaps", "train@lvvit_s_baseline", "train@lvvit_s_token_labeling", "checkpoints", "reeval",
-            "robustness", "transfer", "segmentation", "report"} <= set(stages)
+            "robustness", "transfer", "segmentation", "detection", "report"} <= set(stages)
 
     # every repository module a stage loaded is one of its deps, so editing it re-runs the stage
     import yaml
@@ -111,13 +111,29 @@ def test_smoke_repro_end_to_end(smoke_repo, tmp_path):
     seed0 = next(r for r in record["runs"] if r["row"] == "lvvit_s_token_labeling" and r["head"] == "upernet")["seeds"][0]
     assert f"{seed0['miou']:.2f}" in line and "47.9" in line  # reproduced next to the paper's
 
+    # stage `detection` (TL-Align Table 4's analogue): every trained row's seeds (smoke: `rows: all`) as Mask R-CNN
+    # backbones on the canvases' digits, box and mask AP
+    record = json.loads((repo / "metrics" / "smoke" / "detection.json").read_text())
+    assert record["present"] and record["dataset"] == "canvases"
+    assert sorted(r["row"] for r in record["rows"]) == sorted(trained_rows)
+    for r in record["rows"]:
+        assert sorted(s["seed"] for s in r["seeds"]) == sorted(trained)
+        for s in r["seeds"]:
+            assert all(0 <= s[k] <= 100 for k in ("ap_box", "ap50_box", "ap75_box", "ap_mask", "ap50_mask",
+                                                  "ap75_mask")), s
+            result = repo / "runs" / "smoke" / "detection" / r["row"] / f"seed{s['seed']}" / "result.json"
+            assert json.loads(result.read_text())["iteration"] == 4
+    table4 = (repo / "reports" / "smoke" / "tlalign_table4.md").read_text()
+    assert "TL-Align Table 4" in table4 and "| Swin-T | 50.40 / — |" in table4  # no Swin row trained in smoke
+
     # MLflow holds both runs with params and one metric point per epoch
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     rows = {r.data.tags["row"]: r for r in runs if "tlvit.mirror_of" not in r.data.tags
-            and "transfer_task" not in r.data.tags and "segmentation_head" not in r.data.tags}
+            and "transfer_task" not in r.data.tags and "segmentation_head" not in r.data.tags
+            and "detection_head" not in r.data.tags}
     assert set(rows) == {"lvvit_s_baseline", "lvvit_s_token_labeling"}
     fine_tunes = client.search_runs([client.get_experiment_by_name("tlvit-smoke-tlalign_table5").experiment_id])
     assert {r.data.tags["row"] for r in fine_tunes} == {"lvvit_s_baseline@digits", "lvvit_s_token_labeling@digits"}
@@ -125,6 +141,9 @@ def test_smoke_repro_end_to_end(smoke_repo, tmp_path):
     assert sorted(r.data.tags["row"] for r in segmenters) == sorted(f"{row}+{head}" for row in trained_rows
                                                                     for head in ("fcn", "upernet"))
     assert all(r.info.status == "FINISHED" and r.data.metrics["miou"] >= 0 for r in segmenters)
+    detectors = client.search_runs([client.get_experiment_by_name("tlvit-smoke-detection").experiment_id])
+    assert sorted(r.data.tags["row"] for r in detectors) == sorted(f"{row}+mask_rcnn" for row in trained_rows)
+    assert all(r.info.status == "FINISHED" and r.data.metrics["ap_box"] >= 0 for r in detectors)
     # every table's experiment holds every row of it (a run's copies in its row's other tables' experiments)
     for row, run in rows.items():
         for table in run.data.tags["tables"].split(","):
@@ -169,8 +188,8 @@ def test_smoke_repro_end_to_end(smoke_repo, tmp_path):
     # changing one row re-runs only that row and the report
     rows_yaml.write_text(rows_yaml.read_text().replace("    supervision.kind: ce\n", "    supervision.kind: ce\n    label_smoothing: 0.2\n"))
     third = sh(["dvc", "repro"], repo, env)
-    assert sorted(ran_stages(third.stdout)) == ["reeval", "report", "robustness", "segmentation", "train@lvvit_s_baseline",
-                                                "transfer"]
+    assert sorted(ran_stages(third.stdout)) == ["detection", "reeval", "report", "robustness", "segmentation",
+                                                "train@lvvit_s_baseline", "transfer"]
 
 
 def test_unknown_row_fails_clearly_and_keeps_outputs(smoke_repo):

@@ -2,7 +2,6 @@
 sets and their sampling, sliding-window and multi-scale inference, mmsegmentation's metrics, resumable fine-tunes,
 the stage and its tables."""
 import copy
-import json
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +21,10 @@ from tlvit.report.segmentation import render
 from tlvit.segmentation import (evaluate, fine_tune_rows, planned_runs, scale_probs, scores, segmentation_config,
                                 slide_logits, train_segmenter)
 from tlvit.tables import load_segmentation_tables
-from tlvit.train import RunInputs, reported_weights, train
+from tlvit.train import reported_weights
 from tlvit.transfer import finished_seeds
+
+from parent_runs import tiny_parent_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -296,20 +297,7 @@ def test_a_fine_tunes_config_is_its_parent_and_the_recipe():
 @pytest.fixture(scope="module")
 def parent_run(tmp_path_factory, canvases):
     """A finished 1-epoch run of a tiny DeiT analog, laid out as preset `t`'s row `deit_s_cutmix`."""
-    root = tmp_path_factory.mktemp("repo")
-    layout = Layout("t", root)
-    layout.dataset_file.parent.mkdir(parents=True)
-    layout.dataset_file.write_text(json.dumps({"kind": "canvases", "root": str(canvases)}))
-    params = load_params(REPO / "params.yaml")
-    cfg = copy.deepcopy(resolve_run_config(params, "deit_s_cutmix", preset="smoke",
-                                           rows_path=REPO / "experiments" / "rows.yaml", params_path=REPO / "params.yaml"))
-    cfg.update(epochs=1, warmup_epochs=0, batch_size=16, workers=0,
-               model_kwargs={"depth": 2, "embed_dim": 24, "num_heads": 2})
-    torch.set_num_threads(1)
-    res = train(cfg, 0, layout.run_dir("deit_s_cutmix", 0), RunInputs(canvases, "canvases"), tracking=False,
-                show_progress=False)
-    layout.row_metrics("deit_s_cutmix").parent.mkdir(parents=True)
-    layout.row_metrics("deit_s_cutmix").write_text(json.dumps({"runs": [{"seed": 0, "top1": res["top1"]}]}))
+    layout, params = tiny_parent_run(tmp_path_factory.mktemp("repo"), canvases)
     section = copy.deepcopy(preset_section(params, "smoke")["segmentation"])
     section.update(rows="tables", iterations=4, warmup_iters=1, batch_size=4, channels=16, checkpoint_every=2)
     section["eval"].update(scales=[0.75, 1.0])

@@ -215,7 +215,7 @@ def test_launch_runs_stale_rows_together_and_dvc_repro_collects_them(slurm_env, 
     timing("launch+repro: dvc repro (waits for both jobs, collects, report)", time.time() - t1)
     timing("launch+repro: tlvit launch -> dvc repro done", time.time() - t0)
     log = repro.stdout + repro.stderr
-    assert sorted(ran_stages(repro.stdout)) == ["checkpoints", "reeval", "report", "robustness", "segmentation",
+    assert sorted(ran_stages(repro.stdout)) == ["checkpoints", "detection", "reeval", "report", "robustness", "segmentation",
                                                *[f"train@{r}" for r in rows], "transfer"]
     # each stage found its row's job (waiting while it still ran; whether it still did depends on the machine's load)
     assert log.count("completed; collecting its results") == 2
@@ -238,11 +238,14 @@ def test_launch_runs_stale_rows_together_and_dvc_repro_collects_them(slurm_env, 
 
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     everything = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    # not the report's copies in other tables, nor the transfer and segmentation fine-tunes (in their own experiments)
+    # not the report's copies in other tables, nor the transfer, segmentation and detection fine-tunes (in their own
+    # experiments)
     fine_tunes = [r for r in everything if "transfer_task" in r.data.tags]
     segmenters = [r for r in everything if "segmentation_head" in r.data.tags]
     assert sorted(r.data.tags["row"] for r in segmenters) == sorted(f"{row}+{h}" for row in rows for h in ("fcn", "upernet"))
-    everything = [r for r in everything if r not in segmenters]
+    detectors = [r for r in everything if "detection_head" in r.data.tags]
+    assert sorted(r.data.tags["row"] for r in detectors) == sorted(f"{row}+mask_rcnn" for row in rows)
+    everything = [r for r in everything if r not in segmenters and r not in detectors]
     runs = [r for r in everything if "tlvit.mirror_of" not in r.data.tags and r not in fine_tunes]
     assert sorted(r.data.tags["row"] for r in runs) == rows
     assert sorted(r.data.tags["row"] for r in fine_tunes) == [f"{row}@digits" for row in rows]

@@ -14,7 +14,6 @@ seed: a row and its baseline are paired.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -23,7 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tlvit.config import ConfigError, config_hash
+from tlvit.config import ConfigError
+from tlvit.iteration_runs import IterationRun, batch_indices
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +66,6 @@ def lr_factor(it: int, cfg: dict) -> float:
     return factor
 
 
-def batch_indices(seed: int, it: int, batch: int, n: int) -> np.ndarray:
-    """The iteration's sample indices: a function of (seed, iteration) alone, so a resumed run draws the same."""
-    from tlvit.data.datasets import hash_seed
-
-    return np.random.default_rng(hash_seed(seed, it)).integers(0, n, size=batch)
-
-
 class _Batches(torch.utils.data.Dataset):
     """Item it = iteration it's (local share of the) batch: samples drawn with per-(seed, iteration, slot) streams."""
 
@@ -107,45 +100,20 @@ def train_segmenter(cfg: dict, seed: int, run_dir: Path, train_set, val_set, par
     from timm.optim import create_optimizer_v2
 
     from tlvit.data.segmentation_sets import IGNORE_INDEX, Geometry
-    from tlvit.distributed import init_distributed
-    from tlvit.io import save_torch_atomic, write_json
-    from tlvit.provenance import git_commit, versions
-    from tlvit.tracking import open_tracker, supersede_run
 
-    run_dir = Path(run_dir)
-    chash = config_hash(cfg)
-    result_path, ckpt_path = run_dir / "result.json", run_dir / "checkpoint.pt"
-    if result_path.is_file():
-        done = json.loads(result_path.read_text())
-        if done.get("config_hash") == chash and done.get("seed") == seed:
-            return done
-    env = init_distributed()
+    run = IterationRun(cfg, seed, run_dir)
+    done = run.finished()
+    if done is not None:
+        return done
+    env = run.env
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
     model, setup = build_segmenter(cfg, parent_checkpoint, train_set.num_classes)
     model.to(dev)
     # as tlvit.train builds it: timm's AdamW, no decay on norms, biases and the backbone's no_weight_decay()
     optimizer = create_optimizer_v2(model, "adamw", lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    start, supersedes, resume_rng = 0, None, None
-    if ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if state["config_hash"] == chash and state["seed"] == seed:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            resume_rng = state["rng"]
-            start = state["iteration"]
-            log.info("%s: resumed at iteration %d", run_dir, start)
-        else:  # another config in this folder: it is set aside, never continued or overwritten
-            supersedes = supersede_run(run_dir, state["config_hash"])
-            ckpt_path.replace(run_dir / f"checkpoint.pt.{state['config_hash']}.superseded")
-    tracker = open_tracker(run_dir, experiment, f"{cfg['row']} seed {seed}", cfg,
-                           {"row": cfg["row"], "seed": seed, "config_hash": chash, "git_commit": git_commit(),
-                            **(tags or {})},
-                           enabled=tracking and env.is_main, supersedes=supersedes)
-    net = model
-    if env.enabled:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
-                                                        find_unused_parameters=True)
+    start, resume_rng = run.start(model, optimizer, tracking=tracking, experiment=experiment, tags=tags)
+    net = run.parallel(model, dev)
     aug = cfg["augment"]
     geometry = Geometry(crop_size=aug["crop_size"], scale=tuple(aug["scale"]), ratio_range=tuple(aug["ratio_range"]),
                         hflip=aug["hflip"], photometric=aug["photometric"])
@@ -175,21 +143,13 @@ def train_segmenter(cfg: dict, seed: int, run_dir: Path, train_set, val_set, par
         optimizer.step()
         it += 1
         if it % 50 == 0 or it == stop:
-            tracker.log_metrics({"train_loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]}, step=it)
-        if (it % every == 0 or it == stop) and env.is_main:
-            save_torch_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": it,
-                               "rng": torch.get_rng_state(), "config": cfg, "config_hash": chash, "seed": seed},
-                              ckpt_path)
+            run.tracker.log_metrics({"train_loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]}, step=it)
+        if it % every == 0 or it == stop:
+            run.checkpoint(model, optimizer, it)
     if it < cfg["iterations"]:
-        tracker.finish("KILLED")
-        return {"config_hash": chash, "seed": seed, "iteration": it, "metrics": None}
+        return run.interrupted(it)
     metrics = evaluate(model, val_set, {**cfg["eval"], "crop_size": aug["crop_size"]}, dev, amp=amp)
-    tracker.log_metrics(metrics, step=it)
-    tracker.finish()
-    result = {"config_hash": chash, "seed": seed, "iteration": it, "metrics": metrics, "parent": setup.source,
-              "mlflow_run_id": tracker.run_id, "commit": git_commit(), "versions": versions()}
-    if env.is_main:
-        write_json(result_path, result)
+    result = run.finish(it, metrics, setup.source)
     log.info("%s seed %d: mIoU %.2f (MS %.2f), pixel acc %.2f", cfg["row"], seed, metrics["miou"], metrics["miou_ms"],
              metrics["pacc"])
     return result

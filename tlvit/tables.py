@@ -255,13 +255,14 @@ def _set_top_level(text: str, new: str, flow_pattern: str, after: str | None = N
 # (stages `robustness` and `transfer`), one schema for both
 ROBUSTNESS_TABLE = "experiments/robustness.yaml"
 TRANSFER_TABLE = "experiments/transfer.yaml"
+DETECTION_TABLE = "experiments/detection.yaml"  # stage `detection`, TL-Align Table 4
 # The segmentation tables (stage `segmentation`): the same schema, each row naming its decode head too
 SEGMENTATION_TABLES = {key: f"experiments/segmentation/{key}.yaml"
                        for key in ("lvvit_slides_table5", "lvvit_slides_table6", "tlalign_table3")}
 
 
 def load_column_table(path: str | Path) -> dict:
-    """experiments/robustness.yaml or transfer.yaml: a paper table whose rows have `paper` values per column (a
+    """experiments/robustness.yaml, transfer.yaml or detection.yaml: a paper table whose rows have `paper` values per column (a
     measure, or a downstream set) and `vs` pairs."""
     try:
         table = yaml.safe_load(Path(path).read_text()) or {}

@@ -1,10 +1,10 @@
-"""`tlvit bench [step|data|scoremaps|segmentation|repro|gpu|all] [--quick] [--out DIR]`: the harness's speed (docs/benchmarks.md)."""
+"""`tlvit bench [step|data|scoremaps|segmentation|detection|repro|gpu|all] [--quick] [--out DIR]`: the harness's speed (docs/benchmarks.md)."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-WHICH = ("step", "data", "scoremaps", "segmentation", "repro", "gpu", "all")
+WHICH = ("step", "data", "scoremaps", "segmentation", "detection", "repro", "gpu", "all")
 
 
 def add_parser(sub) -> None:
@@ -15,7 +15,7 @@ def add_parser(sub) -> None:
     p.add_argument("which", nargs="?", choices=WHICH, default="all",
                    help="step: training-step cost per supervision; data: loader with vs without score maps; "
                         "scoremaps: generation speed and store size; segmentation: fine-tune cost per backbone and "
-                        "head; repro: `dvc repro` wall times; "
+                        "head; detection: Mask R-CNN fine-tune cost per backbone; repro: `dvc repro` wall times; "
                         "gpu: harness vs plain PyTorch loop on a GPU (skipped without one); all (default)")
     p.add_argument("--quick", action="store_true", help="tiny sizes and one round: checks that it runs, numbers mean nothing")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="directory for the JSON records (default: %(default)s)")
@@ -86,6 +86,10 @@ def _run_all(args: argparse.Namespace, which: list[str], wd: Path, preset: str, 
 
             records.append(segmentation.run(args.out, quick=args.quick, preset=data_preset, workdir=wd,
                                             device=args.device))
+        elif name == "detection":
+            from tlvit.bench import detection
+
+            records.append(detection.run(args.out, quick=args.quick, preset=data_preset, workdir=wd, device=args.device))
         elif name == "repro":
             from tlvit.bench import repro
 

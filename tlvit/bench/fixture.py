@@ -57,17 +57,23 @@ def build_annotator_for(sections: dict, num_classes: int, device: str | torch.de
 
 def ensure_canvases(workdir: Path, sections: dict, n_train: int) -> Path:
     """`<workdir>/canvases-<n>`: the preset's canvases with `n_train` train images (reused if present)."""
-    from tlvit.data.canvases import CanvasSpec, write_canvases
+    from tlvit.data.canvases import write_canvases
 
     if sections["data"]["kind"] != "canvases":
         raise BenchDataError(f"preset data kind {sections['data']['kind']!r}: only embedded canvases are built here; "
                              "for the loader on real data pass --data <ImageFolder root> --score-maps <its train store>")
     root = workdir / f"canvases-{n_train}"
     if not (root / "train").is_dir():
-        spec = CanvasSpec.from_params({**sections["data"], "train": n_train, "val": 20, "single": 20})
         with quiet_progress():
-            write_canvases(root, spec)
+            write_canvases(root, canvas_spec(sections, n_train))
     return root
+
+
+def canvas_spec(sections: dict, n_train: int):
+    """The spec of `ensure_canvases(workdir, sections, n_train)`'s canvases: the preset's, with fewer images."""
+    from tlvit.data.canvases import CanvasSpec
+
+    return CanvasSpec.from_params({**sections["data"], "train": n_train, "val": 20, "single": 20})
 
 
 def ensure_fixture(workdir: Path, sections: dict, n_train: int) -> Fixture:

@@ -91,13 +91,16 @@ def _resize(digit: np.ndarray, height: int, max_width: int) -> np.ndarray:
     return np.asarray(img, dtype=np.float32) / 255.0
 
 
-def _paste(canvas: np.ndarray, gt: np.ndarray, digit: np.ndarray, cls: int, top: int, left: int) -> None:
-    """Draw a digit with a max-composite; the pixel's class goes to whichever digit has more ink there."""
+def _paste(canvas: np.ndarray, gt: np.ndarray, digit: np.ndarray, cls: int, top: int, left: int,
+           owner: np.ndarray | None = None, instance: int = 0) -> None:
+    """Draw a digit with a max-composite; the pixel's class (and, with `owner`, its instance number) goes to whichever
+    digit has more ink there."""
     h, w = digit.shape
     region = canvas[top : top + h, left : left + w]
-    gt_region = gt[top : top + h, left : left + w]
     mine = (digit > INK_THRESHOLD) & (digit >= region)
-    gt_region[mine] = cls
+    gt[top : top + h, left : left + w][mine] = cls
+    if owner is not None:
+        owner[top : top + h, left : left + w][mine] = instance
     np.maximum(region, digit, out=region)
 
 
@@ -112,9 +115,14 @@ def _overlap(box: tuple[int, int, int, int], others: list[tuple[int, int, int, i
 
 
 def compose_canvas(
-    rng: np.random.Generator, pool: list[list[np.ndarray]], spec: CanvasSpec, *, single: bool = False
+    rng: np.random.Generator, pool: list[list[np.ndarray]], spec: CanvasSpec, *, single: bool = False,
+    owner: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """One canvas [S, S] float in [0, 1], its ground-truth class map [S, S] uint8, and its label."""
+    """One canvas [S, S] float in [0, 1], its ground-truth class map [S, S] uint8, and its label.
+
+    owner: an [S, S] map filled in with each pixel's instance, 1, 2, ... in the order the digits are drawn (the
+    secondaries, then the primary last), 0 for the background: the instances of the detection analogue. It draws
+    nothing from `rng`, so a canvas is the same with or without it."""
     size = spec.single_canvas_size if single else spec.canvas_size
     canvas = np.zeros((size, size), np.float32)
     gt = np.full((size, size), BACKGROUND, np.uint8)
@@ -137,10 +145,28 @@ def compose_canvas(
             boxes.append(best)
             placed.append((digit, cls, best))
     # secondaries first, then the primary on top: the image label's digit is never hidden
-    for digit, cls, (t, l, _, _) in placed:
-        _paste(canvas, gt, digit, cls, t, l)
-    _paste(canvas, gt, primary, label, box[0], box[1])
+    placed.append((primary, label, box))
+    for k, (digit, cls, (t, l, _, _)) in enumerate(placed, start=1):
+        _paste(canvas, gt, digit, cls, t, l, owner, k)
     return canvas, gt, label
+
+
+def image_name(label: int, split: str, index: int) -> str:
+    """A canvas's path in its split's ImageFolder: `<label>/<split>_<index>.png`."""
+    return f"{label}/{split}_{index:06d}.png"
+
+
+def split_plan(spec: CanvasSpec) -> list[tuple[str, int, str, bool, CanvasSpec, str | None]]:
+    """(split, count, source digits, single, the split's spec, shift) of every split, in stream order: split k draws
+    from the generator seeded (spec.seed, k), so changing one split's size leaves the others unchanged."""
+    lo = spec.primary_size[0]
+    near = replace(spec, secondary_size=(max(2, lo - 6), max(2, lo - 1)))  # distractors 1-6 px below the primary
+    # appended, never inserted: each split's random stream is its position here
+    return [("train", spec.train, "train", False, spec, None), ("val", spec.val, "val", False, spec, None),
+            ("single", spec.single, "train", True, spec, None), ("composed", spec.composed, "train", False, spec, None),
+            ("tune", spec.tune, "tune", False, spec, None), ("val_v2", spec.shifted, "val", False, spec, None),
+            ("val_a", spec.shifted, "val", False, near, None), ("val_r", spec.shifted, "val", False, spec, "outline"),
+            ("val_c", spec.corrupted, "val", False, spec, "corrupt")]
 
 
 def write_canvases(out_dir: str | Path, spec: CanvasSpec) -> dict:
@@ -150,26 +176,17 @@ def write_canvases(out_dir: str | Path, spec: CanvasSpec) -> dict:
     if spec.tune and not spec.tune_digits_per_class:
         raise ValueError("data.tune canvases need data.tune_digits_per_class > 0: train digits held out for them")
     sources = load_source_digits(spec.train_digits_per_class, spec.tune_digits_per_class)
-    lo = spec.primary_size[0]
-    near = replace(spec, secondary_size=(max(2, lo - 6), max(2, lo - 1)))  # distractors 1-6 px below the primary
-    # appended, never inserted: each split's random stream is its position here
-    plan = [("train", spec.train, "train", False, spec, None), ("val", spec.val, "val", False, spec, None),
-            ("single", spec.single, "train", True, spec, None), ("composed", spec.composed, "train", False, spec, None),
-            ("tune", spec.tune, "tune", False, spec, None), ("val_v2", spec.shifted, "val", False, spec, None),
-            ("val_a", spec.shifted, "val", False, near, None), ("val_r", spec.shifted, "val", False, spec, "outline"),
-            ("val_c", spec.corrupted, "val", False, spec, "corrupt")]
     stats: dict = {}
     with atomic_dir(out_dir) as tmp:
-        for split_idx, (split, count, source, single, split_spec, shift) in enumerate(plan):
+        for split_idx, (split, count, source, single, split_spec, shift) in enumerate(split_plan(spec)):
             if count == 0:
                 continue
-            # one independent stream per split: changing one split's size leaves the others unchanged
             rng = np.random.default_rng([spec.seed, split_idx])
             paths, maps, labels = [], [], []
             for i in tqdm(range(count), desc=f"canvases/{split}", unit="img", leave=False):
                 canvas, gt, label = compose_canvas(rng, sources[source], split_spec, single=single)
                 pixels = (canvas * 255).round().astype(np.uint8)
-                rel = f"{label}/{split}_{i:06d}.png"
+                rel = image_name(label, split, i)
                 if shift == "corrupt":  # 75 RGB images per canvas; no maps (nothing is trained or scored densely on them)
                     _write_corrupted(tmp / split, rel, pixels, seed=(spec.seed, i))
                     labels.append(label)
@@ -221,3 +238,35 @@ def load_gt_maps(root: str | Path, split: str, expect_paths: list[str] | None = 
         raise DatasetError(f"{path}: lists other images than {Path(root) / split} (or its score maps) in that order; "
                            "regenerate the data with `dvc repro --force data`")
     return paths, maps, labels
+
+
+def canvas_instances(root: str | Path, spec: CanvasSpec, split: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Relative image paths, instance maps [N, S, S] (uint8: 0 background, k the k-th digit drawn) and each instance's
+    class [N, max instances] (-1 where a canvas has fewer) of a split written by `write_canvases(root, spec)`.
+
+    The data stage keeps class maps only; the instances are recovered by composing the split again from its own
+    random stream (the same digits, sizes and places), and the class maps that this gives must equal the stored
+    ones: canvases written with another spec stop here rather than being paired with the wrong instances."""
+    plan = {name: (k, rest) for k, (name, *rest) in enumerate(split_plan(spec))}
+    if split not in plan or plan[split][1][4] is not None:
+        raise ValueError(f"canvas split {split!r} has no instances (use train, val, single, composed or tune)")
+    k, (count, source, single, split_spec, _) = plan[split]
+    paths, maps, labels = load_gt_maps(root, split)
+    pool = load_source_digits(spec.train_digits_per_class, spec.tune_digits_per_class)[source]
+    rng = np.random.default_rng([spec.seed, k])
+    composed: dict[str, tuple[np.ndarray, np.ndarray, list[int]]] = {}
+    for i in range(count):
+        size = spec.single_canvas_size if single else spec.canvas_size
+        owner = np.zeros((size, size), np.uint8)
+        _, gt, label = compose_canvas(rng, pool, split_spec, single=single, owner=owner)
+        classes = [int(gt[owner == j][0]) if (owner == j).any() else -1 for j in range(1, int(owner.max()) + 1)]
+        composed[image_name(label, split, i)] = (gt, owner, classes)
+    gt_path = Path(root) / f"gt_maps_{split}.npz"
+    if sorted(composed) != paths or any(not np.array_equal(composed[p][0], m) for p, m in zip(paths, maps)):
+        raise ValueError(f"{gt_path}: these canvases were not composed with the data params given (presets.<preset>."
+                         "data); pass the params the data stage ran with, or regenerate: `dvc repro --force data`")
+    width = max(len(composed[p][2]) for p in paths) if paths else 0
+    classes = np.full((len(paths), width), -1, np.int64)
+    for i, p in enumerate(paths):
+        classes[i, : len(composed[p][2])] = composed[p][2]
+    return paths, np.stack([composed[p][1] for p in paths]) if paths else np.zeros((0, 0, 0), np.uint8), classes

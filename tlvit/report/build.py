@@ -19,10 +19,11 @@ from tlvit.report.headline import HEADLINE_PATH, load_headline, write_headline
 from tlvit.report.frames import claims_frame, provenance_frame, render_markdown, table_frame
 from tlvit.report.results import DONE, Results
 from tlvit.report import robustness as table6
+from tlvit.report import detection as table4
 from tlvit.report import segmentation as seg_tables
 from tlvit.report import transfer as table5
-from tlvit.tables import (ROBUSTNESS_TABLE, TABLES_DIR, TRANSFER_TABLE, Table, load_column_table, load_segmentation_tables,
-                          load_tables)
+from tlvit.tables import (DETECTION_TABLE, ROBUSTNESS_TABLE, TABLES_DIR, TRANSFER_TABLE, Table, load_column_table,
+                          load_segmentation_tables, load_tables)
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,12 @@ def build_report(params: dict, *, tables_dir: str | Path = TABLES_DIR, rows_path
         index.append(f"\n## Semantic segmentation (LV-ViT slides Tables 5-6, TL-Align Table 3)\n\n{', '.join(links)}: "
                      f"{n} fine-tune(s) of {len(record['runs'])} (row, head) pair(s) on `{record['dataset']}`"
                      + ("" if record["present"] else " (*not present*)") + ".")
+    record = _column_table(layout.metrics_dir / "detection.json", DETECTION_TABLE, table4.render, out / "tlalign_table4.md")
+    if record is not None:
+        n = sum(len(r["seeds"]) for r in record["rows"])
+        index.append(f"\n## Detection and instance segmentation (TL-Align Table 4)\n\n[tlalign_table4.md](tlalign_table4.md): "
+                     f"{n} fine-tune(s) of {len(record['rows'])} row(s) on `{record['dataset']}`"
+                     + ("" if record["present"] else " (*not run here*: a cluster recipe)") + ".")
     measured = int((dev["pairs"] > 0).sum())
     index.append(f"\n## Deviations from the authors' code\n\n[deviations.md](deviations.md) ([CSV](deviations.csv)): "
                  f"{measured} of the {len(dev)} switches that change training measured with paired seeds.")
@@ -230,7 +237,7 @@ def _token_grid(cfg: dict, num_classes: int) -> tuple[int, int] | None:
 
 
 def _column_table(metrics: Path, table_path: str, render, md: Path) -> dict | None:
-    """A stage's record (TL-Align Tables 5 and 6) rendered against its paper table into `md`; None before the stage ran."""
+    """A stage's record (TL-Align Tables 4, 5 and 6) rendered against its paper table into `md`; None before the stage ran."""
     if not metrics.is_file():
         return None
     record = json.loads(metrics.read_text())
