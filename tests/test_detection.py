@@ -91,7 +91,9 @@ def test_the_detector_trains_its_backbone_and_detects_at_the_image_size(canvases
     torch.manual_seed(0)
     backbone = timm.create_model(model, num_classes=0)
     det = build_detector(backbone, 10, 64, channels=16, fc_channels=32, anchor_sizes=(8, 16, 32, 64, 128),
-                         rois_per_image=16)
+                         rois_per_image=16, proposals=50)
+    assert det.rpn._post_nms_top_n == {"training": 2000, "testing": 50}  # the RPN keeps `proposals` at inference
+    assert det.roi_heads.fg_bg_sampler.batch_size_per_image == 16
     ds = DetectionSet(canvases, "train", SPEC)
     images, targets = zip(*[ds[i] for i in range(2)])
     losses = det(list(images), list(targets))
@@ -157,6 +159,7 @@ def test_a_fine_tunes_config_is_its_parent_and_the_recipe():
     cfg = configs["swin_t_tlalign"]
     assert cfg["row"] == "swin_t_tlalign+mask_rcnn" and cfg["init_from_hash"] == "h-swin_t_tlalign"
     assert cfg["dataset"] == "canvases" and cfg["image_size"] == 64 and cfg["lr_steps"] == [450, 550]
+    assert cfg["proposals"] == 100 and cfg["rois_per_image"] == 64
     strip = lambda c: {k: v for k, v in c.items() if k not in ("row", "init_from", "init_from_hash")}  # noqa: E731
     assert strip(configs["swin_t_mixup_cutmix"]) == strip(cfg)  # a pair differs only in its start
     full = preset_section(params, "imagenet")["detection"]
@@ -165,6 +168,7 @@ def test_a_fine_tunes_config_is_its_parent_and_the_recipe():
     big = detection_config(parent, "h", "swin_b_tlalign", full)
     assert big["dataset"] == "coco" and big["lr"] == 1e-4 and big["weight_decay"] == 0.05
     assert big["drop_path"] == 0.3 and big["iterations"] == 266148  # the Swin authors' Swin-B 3x config
+    assert big["proposals"] == 1000 and big["rois_per_image"] == 512 and big["channels"] == 256
     with pytest.raises(ConfigError, match="missing lr_steps"):
         detection_config(parent, "h", "swin_b_tlalign", {k: v for k, v in full.items() if k != "lr_steps"})
 

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 # COCO's AP at IoU 0.5:0.95, 0.5 and 0.75 for boxes and masks (percent), the columns of TL-Align Table 4
 METRICS = ("ap_box", "ap50_box", "ap75_box", "ap_mask", "ap50_mask", "ap75_mask")
 RECIPE_KEYS = ("dataset", "iterations", "batch_size", "lr", "weight_decay", "warmup_iters", "warmup_ratio", "lr_steps",
-               "image_size", "channels", "fc_channels", "anchor_sizes", "rois_per_image", "drop_path")
+               "image_size", "channels", "fc_channels", "anchor_sizes", "rois_per_image", "proposals", "drop_path")
 
 
 def detection_config(parent_cfg: dict, parent_hash: str, row: str, section: dict) -> dict:
@@ -54,7 +54,8 @@ def build_detector_for(cfg: dict, parent_checkpoint: Path, num_classes: int):
     mean, std = DATA_STATS["canvases"]  # the backbone's input normalisation, applied by the detector's transform
     model = build_detector(backbone, num_classes, cfg["image_size"], channels=cfg["channels"],
                            fc_channels=cfg["fc_channels"], anchor_sizes=tuple(cfg["anchor_sizes"]),
-                           rois_per_image=cfg["rois_per_image"], image_mean=mean, image_std=std)
+                           rois_per_image=cfg["rois_per_image"], proposals=cfg["proposals"], image_mean=mean,
+                           image_std=std)
     return model, setup
 
 

@@ -56,8 +56,10 @@ def _mask_rcnn_class():
 
 def build_detector(backbone: nn.Module, num_classes: int, image_size: int, *, channels: int = 256,
                    fc_channels: int = 1024, anchor_sizes=(32, 64, 128, 256, 512), rois_per_image: int = 512,
-                   image_mean=(0.485, 0.456, 0.406), image_std=(0.229, 0.224, 0.225)) -> nn.Module:
-    """Mask R-CNN on the backbone (classifier removed) for `num_classes` object classes (labels 1..num_classes)."""
+                   proposals: int = 1000, image_mean=(0.485, 0.456, 0.406), image_std=(0.229, 0.224, 0.225)) -> nn.Module:
+    """Mask R-CNN on the backbone (classifier removed) for `num_classes` object classes (labels 1..num_classes).
+    rois_per_image: RoIs sampled per image for the box head in training; proposals: the RPN's proposals per image kept
+    after NMS at inference (mmdetection's and torchvision's 1000; the box head runs on each)."""
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
     from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
@@ -74,7 +76,7 @@ def build_detector(backbone: nn.Module, num_classes: int, image_size: int, *, ch
                     image_std=list(image_std), rpn_anchor_generator=anchors, box_head=box_head,
                     box_predictor=_box_predictor(fc_channels, num_classes + 1), box_batch_size_per_image=rois_per_image,
                     mask_head=mask_head, mask_predictor=MaskRCNNPredictor(channels, channels, num_classes + 1),
-                    size_divisible=1)
+                    rpn_post_nms_top_n_test=proposals, size_divisible=1)
 
 
 def _box_predictor(in_channels: int, num_classes: int) -> nn.Module:
