@@ -9,7 +9,8 @@ import timm
 import torch
 
 from tlvit.config import ConfigError, load_params, preset_section, resolve_run_config
-from tlvit.data.canvases import CanvasSpec, canvas_instances, compose_canvas, load_gt_maps, load_source_digits, write_canvases
+from tlvit.data.canvases import (CanvasSpec, canvas_instances, compose_canvas, load_gt_maps, load_source_digits,
+                                 write_canvases)
 from tlvit.data.detection_sets import DetectionSet, _mask_boxes
 from tlvit.detection import detection_config, evaluate, fine_tune_rows, lr_factor, planned_rows, train_detector
 from tlvit.models.detector import build_detector
@@ -163,8 +164,8 @@ def test_a_fine_tunes_config_is_its_parent_and_the_recipe():
     strip = lambda c: {k: v for k, v in c.items() if k not in ("row", "init_from", "init_from_hash")}  # noqa: E731
     assert strip(configs["swin_t_mixup_cutmix"]) == strip(cfg)  # a pair differs only in its start
     full = preset_section(params, "imagenet")["detection"]
-    parent = resolve_run_config(params, "swin_b_tlalign", preset="imagenet", rows_path=REPO / "experiments" / "rows.yaml",
-                                params_path=REPO / "params.yaml")
+    parent = resolve_run_config(params, "swin_b_tlalign", preset="imagenet",
+                                rows_path=REPO / "experiments" / "rows.yaml", params_path=REPO / "params.yaml")
     big = detection_config(parent, "h", "swin_b_tlalign", full)
     assert big["dataset"] == "coco" and big["lr"] == 1e-4 and big["weight_decay"] == 0.05
     assert big["drop_path"] == 0.3 and big["iterations"] == 266148  # the Swin authors' Swin-B 3x config

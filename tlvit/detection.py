@@ -187,7 +187,8 @@ def fine_tune_rows(layout, trained: list[str], table: dict, section: dict, seeds
             cfg = detection_config(ckpt["config"], ckpt["config_hash"], row, section)
             res = train_detector(cfg, seed, runs_root / row / f"seed{seed}", sets["train"], sets["val"], parent,
                                  tracking=tracking, experiment=f"tlvit-{layout.preset}-detection",
-                                 tags={"detection_head": "mask_rcnn", "parent_row": row}, checkpoint_every=int(section.get("checkpoint_every", 0)))
+                                 tags={"detection_head": "mask_rcnn", "parent_row": row},
+                                 checkpoint_every=int(section.get("checkpoint_every", 0)))
             seeds.append({"seed": seed, **res["metrics"], "config_hash": res["config_hash"],
                           "mlflow_run_id": res.get("mlflow_run_id")})
         out.append({"row": row, "seeds": seeds})

@@ -66,6 +66,6 @@ def run(out_dir: str | Path, *, quick: bool = False, preset: str = "embedded", w
                             f"fine-tune s ({section['iterations']} it., {val_size} val)"), lines)
     settings = {"preset": preset, "timed_iterations": iterations, "timed_val_images": images,
                 "batch_size": section["batch_size"], "image_size": section["image_size"],
-                "rois_per_image": section["rois_per_image"], "device": str(dev),
+                "rois_per_image": section["rois_per_image"], "proposals": section["proposals"], "device": str(dev),
                 "torch_threads": torch.get_num_threads(), "weights": "random (time does not depend on them)"}
     return bench.finish(settings=settings, results=results, tables=[table])

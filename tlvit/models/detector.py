@@ -56,7 +56,8 @@ def _mask_rcnn_class():
 
 def build_detector(backbone: nn.Module, num_classes: int, image_size: int, *, channels: int = 256,
                    fc_channels: int = 1024, anchor_sizes=(32, 64, 128, 256, 512), rois_per_image: int = 512,
-                   proposals: int = 1000, image_mean=(0.485, 0.456, 0.406), image_std=(0.229, 0.224, 0.225)) -> nn.Module:
+                   proposals: int = 1000, image_mean=(0.485, 0.456, 0.406),
+                   image_std=(0.229, 0.224, 0.225)) -> nn.Module:
     """Mask R-CNN on the backbone (classifier removed) for `num_classes` object classes (labels 1..num_classes).
     rois_per_image: RoIs sampled per image for the box head in training; proposals: the RPN's proposals per image kept
     after NMS at inference (mmdetection's and torchvision's 1000; the box head runs on each)."""
