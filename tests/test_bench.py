@@ -188,7 +188,8 @@ def test_repro_quick_through_the_cli(tmp_path):
     assert smoke["stages"] == ["data"] and smoke["noop_s"]["n"] == 1
     assert list(smoke["stage_wall_s"]) == ["data"] and 0 < smoke["stage_wall_s"]["data"] <= smoke["clean_s"]
     log = (tmp_path / "repro-smoke.stages.tsv").read_text().splitlines()
-    assert log[0] == "stage\tended_utc\twall_s" and [line.split("\t")[0] for line in log[1:]] == ["data"]
+    assert log[0] == "stage\tended_utc\twall_s\toutcome" and [line.split("\t")[0] for line in log[1:]] == ["data"]
+    assert log[1].endswith("\tdone")
     assert [t["threshold"] for t in rec["targets"]] == [3.0]  # --quick: no clean-run target, the run is not the preset's
 
 
@@ -248,6 +249,52 @@ def test_repro_timeout_stops_the_running_stage(tmp_path):
     with pytest.raises(TimeoutError, match="ran past 3 s"):
         timed_repro(repo, env, ["stuck"], timeout=3)
     assert time.perf_counter() - t0 < 45  # had only dvc been killed, reading its output would wait for the sleep
+
+
+@pytest.mark.e2e
+def test_a_killed_repro_resumes_and_each_stage_is_timed_over_its_attempts(tmp_path, monkeypatch):
+    """Killed in its second stage, the stage log keeps the first as done and the second as interrupted (timed to its
+    last heartbeat); the next call runs only the second (DVC skips the first) and the sum counts both attempts."""
+    import yaml
+
+    from tlvit.bench import repro
+
+    monkeypatch.setattr(repro, "HEARTBEAT_S", 0.5)
+    (tmp_path / "repo").mkdir()
+    repo, env = _dvc_repo(tmp_path / "repo", {})
+    stages = {"first": {"cmd": "sleep 1 && echo a > a.txt", "outs": ["a.txt"]},
+              "second": {"cmd": "test -f go || sleep 60; echo b > b.txt", "deps": ["a.txt"], "outs": ["b.txt"]}}
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    log = tmp_path / "stages.tsv"
+    log.write_text(repro.STAGE_LOG_HEADER + "\n")
+    with pytest.raises(TimeoutError):
+        repro.timed_repro(repo, env, [], timeout=6, stage_log=log)
+    assert repro.close_interrupted(log) == "second" and repro.close_interrupted(log) is None
+    walls, interrupted = repro.read_stage_log(log)
+    assert interrupted == 1 and list(walls) == ["first", "second"]
+    assert 1.0 <= walls["first"] < 4.0 and 1.0 <= walls["second"] <= 5.5  # heartbeats every 0.5 s until the kill
+    (repo / "go").write_text("")
+    _, again = repro.timed_repro(repo, env, [], timeout=120, stage_log=log)
+    assert list(again) == ["second"]  # the finished stage is not run again
+    total, interrupted = repro.read_stage_log(log)
+    assert interrupted == 1 and total["first"] == walls["first"]
+    assert total["second"] == pytest.approx(walls["second"] + again["second"], abs=0.11)
+    assert [line.split("\t")[3] for line in log.read_text().splitlines()[1:]] == ["done", "interrupted", "done"]
+
+
+@pytest.mark.e2e
+def test_repro_in_a_kept_workdir_resumes_instead_of_starting_again(tmp_path):
+    """--repro-workdir: a second call finds the copy, runs nothing finished and reports the first call's stage times."""
+    from tlvit.bench import repro
+
+    first = repro.run(tmp_path / "out", quick=True, presets=("smoke",), noop_repeats=1, workdir=tmp_path / "wd")
+    second = repro.run(tmp_path / "out", quick=True, presets=("smoke",), noop_repeats=1, workdir=tmp_path / "wd")
+    one, two = first["results"]["smoke"], second["results"]["smoke"]
+    assert not one["resumed"] and two["resumed"] and one["copy"] == two["copy"] == str(tmp_path / "wd" / "smoke")
+    assert two["stage_wall_s"] == one["stage_wall_s"] and two["clean_s"] == one["stage_wall_s"]["data"]
+    assert len((tmp_path / "out" / "repro-smoke.stages.tsv").read_text().splitlines()) == 2  # header + data, once
+    with pytest.raises(RuntimeError, match="repro-smoke.stages.tsv: missing"):
+        repro.run(tmp_path / "other", quick=True, presets=("smoke",), noop_repeats=1, workdir=tmp_path / "wd")
 
 
 @pytest.mark.e2e

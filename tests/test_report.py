@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tlvit.config import config_hash, load_params, load_rows, pipeline_rows, resolve_run_config
+from tlvit.config import ConfigError, config_hash, load_params, load_rows, pipeline_rows, resolve_run_config
 from tlvit.layout import Layout
 from tlvit.report import build_report
 from tlvit.report.stats import diff_ci95, ci95, t95, verdict
@@ -140,6 +140,61 @@ def test_rows_cli_writes_params(tmp_path):
     strip = lambda text, p: text.replace("rows:" + "".join(f"\n- {r}" for r in p["rows"]), "").replace(  # noqa: E731
         "finetunes: {" + ", ".join(f"{k}: {v}" for k, v in p["finetunes"].items()) + "}", "")
     assert strip(params.read_text(), written) == strip(PARAMS.read_text(), load_params(PARAMS))
+
+
+def test_a_downstream_preset_lists_the_downstream_tables_rows_and_their_parents(tmp_path):
+    """`rows_from: downstream` (embedded-downstream): `tlvit rows` without a table choice lists the rows of the
+    segmentation, detection and transfer tables with the parents of their fine-tunes, and nothing else; other presets
+    keep every classification table's rows."""
+    import argparse
+
+    import yaml
+
+    from tlvit import rows_cli
+    from tlvit.tables import DETECTION_TABLE, SEGMENTATION_TABLES, TRANSFER_TABLE, preset_rows
+
+    params = load_params(PARAMS)
+    wanted = {r["row"] for path in [*SEGMENTATION_TABLES.values(), DETECTION_TABLE, TRANSFER_TABLE]
+              for r in yaml.safe_load(open(REPO / path))["rows"]}
+    down = preset_rows(params, "embedded-downstream", TABLES, ROWS, PARAMS, root=REPO)
+    assert set(down) == wanted and len(down) == len(wanted) == 17  # no parent outside the tables: each is a table row
+    assert down.index("swin_b_mixup_cutmix") < down.index("swin_b_tlalign")  # parents first
+    assert {"lvvit_s_pe3", "deit_s_vanilla", "pvt_t_tlalign"}.isdisjoint(down)  # classification-only rows
+    assert preset_rows(params, "embedded-full", TABLES, ROWS, PARAMS, root=REPO) == all_rows(params, "embedded-full", TABLES,
+                                                                                              ROWS, PARAMS)
+    parser = argparse.ArgumentParser()
+    rows_cli.add_parser(parser.add_subparsers())
+    out = tmp_path / "params.yaml"
+    out.write_text(PARAMS.read_text())
+    args = parser.parse_args(["rows", "--params", str(out), "--rows-file", str(ROWS), "--tables", str(TABLES),
+                              "--preset", "embedded-downstream", "--write"])
+    assert args.func(args) == 0
+    written = load_params(out)
+    assert sorted(pipeline_rows(written)) == sorted(down)
+    assert written["finetunes"] == {"swin_b_tlalign": "swin_b_mixup_cutmix", "deit_b_tlalign": "deit_b_mixup_cutmix"}
+    bad = load_params(PARAMS)
+    bad["presets"]["embedded-downstream"]["rows_from"] = "segmentation"
+    with pytest.raises(ConfigError, match="rows_from must be `tables` or `downstream`"):
+        preset_rows(bad, "embedded-downstream", TABLES, ROWS, PARAMS, root=REPO)
+
+
+def test_the_downstream_preset_trains_its_parents_with_embedded_fulls_recipe():
+    """Its fine-tunes' parents are embedded-full's runs: the same resolved config but for the preset's name."""
+    from tlvit.config import resolve_run_config
+    from tlvit.tables import downstream_rows
+
+    params = load_params(PARAMS)
+    for row in downstream_rows(REPO):
+        full, down = (resolve_run_config(params, row, preset=p, rows_path=ROWS, params_path=PARAMS)
+                      for p in ("embedded-full", "embedded-downstream"))
+        same = {"preset": None, "init_from_hash": None}  # the preset's name, and through it the parent's hash
+        assert {**full, **same} == {**down, **same}, row
+    sections = params["presets"]
+    assert sections["embedded-downstream"]["segmentation"]["heads"] == ["fcn", "upernet"]
+    assert sections["embedded-downstream"]["transfer"]["tasks"] == ["digits"]
+    # embedded-full leaves the downstream tables to it
+    assert sections["embedded-full"]["segmentation"]["rows"] == sections["embedded-full"]["detection"]["rows"] == "none"
+    assert sections["embedded-full"]["transfer"]["tasks"] == []
 
 
 def test_set_finetunes_in_params_added_when_missing():

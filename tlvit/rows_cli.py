@@ -8,11 +8,15 @@ from pathlib import Path
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("rows", help="list the rows that fill every table (or some tables); optionally write params.yaml `rows`",
-                       description="Print the training rows the tables need under a preset: each configuration once "
+                       description="Print the training rows the tables need under a preset (by default the tables its "
+                                   "`rows_from` names): each configuration once "
                                    "(two row ids with the same config hash train once), `init_from` parents first. "
                                    "--write puts them into params.yaml `rows:` (trained from scratch) and `finetunes:` "
                                    "(row: parent) so that `dvc repro` trains them all, parents first.")
-    p.add_argument("--all", action="store_true", help="the rows of every table (default when no --table is given)")
+    p.add_argument("--all", action="store_true", help="the rows of every table of experiments/tables (the default, "
+                   "unless the preset's `rows_from` says `downstream`)")
+    p.add_argument("--downstream", action="store_true", help="the rows of the downstream tables (segmentation, "
+                   "detection, transfer; the default for a preset with `rows_from: downstream`)")
     p.add_argument("--table", action="append", default=[], metavar="KEY", help="only this table's rows, e.g. lvvit_table3 "
                    "(repeatable)")
     p.add_argument("--headline", action="store_true", help="only the rows of the headline claims and their diagnostics "
@@ -33,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
     import tempfile
 
     from tlvit.config import ConfigError, load_params
-    from tlvit.tables import all_rows, load_tables, rows_yaml, set_rows_in_params, split_finetunes
+    from tlvit.tables import (all_rows, downstream_rows, load_tables, preset_rows, rows_yaml, set_rows_in_params,
+                              split_finetunes)
 
     try:
         params = load_params(args.params)
@@ -52,8 +57,12 @@ def run(args: argparse.Namespace) -> int:
                 for key in args.table:
                     shutil.copy(tables_dir / f"{key}.yaml", Path(tmp) / f"{key}.yaml")
                 rows = all_rows(params, preset, tmp, args.rows_file, args.params)
-        else:
+        elif args.downstream:
+            rows = all_rows(params, preset, tables_dir, args.rows_file, args.params, wanted=downstream_rows())
+        elif args.all:
             rows = all_rows(params, preset, tables_dir, args.rows_file, args.params)
+        else:  # what the preset is for (its `rows_from`)
+            rows = preset_rows(params, preset, tables_dir, args.rows_file, args.params)
         if args.deviations:
             from tlvit.deviations import DEVIATIONS
 

@@ -273,6 +273,25 @@ def load_column_table(path: str | Path) -> dict:
     return table
 
 
+def downstream_rows(root: str | Path = ".") -> list[str]:
+    """Row ids of the downstream tables (segmentation, detection, transfer), each once, in reading order: what a
+    preset with `rows_from: downstream` trains, their fine-tunes' parents."""
+    paths = [*SEGMENTATION_TABLES.values(), DETECTION_TABLE, TRANSFER_TABLE]
+    return list(dict.fromkeys(r["row"] for path in paths for r in load_column_table(Path(root) / path)["rows"]))
+
+
+def preset_rows(params: dict, preset: str, tables_dir: str | Path = TABLES_DIR,
+                rows_path: str | Path = "experiments/rows.yaml", params_path: str | Path = "params.yaml",
+                root: str | Path = ".") -> list[str]:
+    """all_rows for what `preset` is for (its `rows_from`): `tables` (the default) every table of `tables_dir`,
+    `downstream` the downstream tables' rows (their files under `root`)."""
+    which = params["presets"][preset].get("rows_from", "tables")
+    if which not in ("tables", "downstream"):
+        raise ConfigError(f"{params_path}: presets.{preset}.rows_from must be `tables` or `downstream`, not {which!r}")
+    wanted = downstream_rows(root) if which == "downstream" else None
+    return all_rows(params, preset, tables_dir, rows_path, params_path, wanted=wanted)
+
+
 def load_segmentation_tables() -> dict[str, dict]:
     """Every segmentation table (SEGMENTATION_TABLES), each row's `head` checked."""
     from tlvit.models.segmenter import HEADS

@@ -27,8 +27,11 @@ def add_parser(sub) -> None:
     p.add_argument("--repro-presets", nargs="+", default=["smoke"],
                    help="presets `repro` runs from clean (the embedded one takes ~30 min on 2 cores)")
     p.add_argument("--repro-all-rows", action="store_true",
-                   help="repro: train every table's rows (`tlvit rows --all --write` in the copy); with "
+                   help="repro: train the rows of the tables the preset is for (`tlvit rows --write` in the copy); with "
                         "--repro-presets embedded-full that is the whole run, 7.0 h on 2 CPU cores (targets: <= 8 h on CPU, <= 1 h on a GPU)")
+    p.add_argument("--repro-workdir", type=Path, default=None,
+                   help="repro: keep each preset's copy in this folder; a later call with the same folder (and --out) "
+                        "resumes an interrupted run, each stage's time summed over its attempts")
     p.add_argument("--peak-tflops", type=float, default=None, help="gpu: the GPU's dense bf16 peak, for MFU on unknown GPUs")
     p.add_argument("--workdir", type=Path, default=None, help="data/scoremaps: where to build the benchmark dataset (default: a temp dir)")
     p.add_argument("--data", type=Path, default=None, help="data: an ImageFolder root to load instead of built canvases")
@@ -94,7 +97,7 @@ def _run_all(args: argparse.Namespace, which: list[str], wd: Path, preset: str, 
             from tlvit.bench import repro
 
             records.append(repro.run(args.out, quick=args.quick, presets=tuple(args.repro_presets),
-                                     all_rows=args.repro_all_rows))
+                                     all_rows=args.repro_all_rows, workdir=args.repro_workdir))
         elif name == "gpu":
             from tlvit.bench import gpu
 
