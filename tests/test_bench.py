@@ -283,6 +283,41 @@ def test_a_killed_repro_resumes_and_each_stage_is_timed_over_its_attempts(tmp_pa
 
 
 @pytest.mark.e2e
+def test_sigterm_to_the_timing_process_stops_the_stage_it_runs(tmp_path):
+    """DVC runs in its own process group (so a timeout can kill the stage with it); `kill <pid>` of the benchmark must
+    still stop that stage, not leave it running orphaned while a resumed run starts it again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    repo, env = _dvc_repo(tmp_path, {"stuck": "echo $$ > stage.pid; exec sleep 120"})
+    code = ("import sys; from pathlib import Path; from tlvit.bench.repro import timed_repro; "
+            "from repo_copy import tool_env; timed_repro(Path(sys.argv[1]), tool_env(), [], None)")
+    tests_dir = str(Path(__file__).parent)
+    proc = subprocess.Popen([sys.executable, "-c", code, str(repo)], env={**env, "PYTHONPATH": tests_dir})
+    pid_file = repo / "stage.pid"
+    deadline = time.time() + 60
+    while not pid_file.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.3)
+    stage = int(pid_file.read_text())
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(timeout=30)
+    for _ in range(50):
+        try:
+            os.kill(stage, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(stage, signal.SIGKILL)
+        pytest.fail("the stage outlived the benchmark process")
+    assert rc == 128 + signal.SIGTERM  # it exits as a process ended by SIGTERM does (143)
+
+
+@pytest.mark.e2e
 def test_repro_in_a_kept_workdir_resumes_instead_of_starting_again(tmp_path):
     """--repro-workdir: a second call finds the copy, runs nothing finished and reports the first call's stage times."""
     from tlvit.bench import repro

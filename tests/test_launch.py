@@ -179,8 +179,26 @@ def test_record_roundtrip_and_result_pickles_decide_the_outcome(tmp_path):
     (job_dir / "41_0_0_result.pkl").write_bytes(pickle.dumps(("success", {"top1": 1.0})))
     assert rec.poll(r).phase == "done"  # no sacct call needed once the result exists
     (job_dir / "41_0_0_result.pkl").write_bytes(pickle.dumps(("error", "Traceback ...\nValueError: boom")))
-    st = rec.poll(r)
-    assert (st.phase, st.state) == ("failed", "FAILED") and "ValueError: boom" in st.detail
+    for state in ("FAILED", "UNKNOWN"):  # Slurm will not run it again (or no longer knows it): the pickle's error
+        with mock.patch.object(rec, "slurm_state", return_value=state):
+            st = rec.poll(r)
+        assert (st.phase, st.state) == ("failed", "FAILED") and "ValueError: boom" in st.detail
+
+
+def test_an_error_pickle_of_a_job_slurm_runs_again_is_not_its_outcome(tmp_path):
+    """A requeue's SIGTERM can kill submitit's `scontrol requeue` inside the job after the requeue went through:
+    submitit writes that as the job's error, Slurm runs the job again, and the new attempt's result decides."""
+    r = _record(tmp_path)
+    job_dir = tmp_path / "sub" / "41_0"
+    job_dir.mkdir(parents=True)
+    err = "subprocess.CalledProcessError: Command '['scontrol', 'requeue', '41_0']' died with <Signals.SIGTERM: 15>."
+    (job_dir / "41_0_0_result.pkl").write_bytes(pickle.dumps(("error", err)))
+    for state in ("REQUEUED", "PENDING", "RUNNING"):
+        with mock.patch.object(rec, "slurm_state", return_value=state):
+            assert (rec.poll(r).phase, rec.poll(r).state) == ("active", state)
+    (job_dir / "41_0_0_result.pkl").write_bytes(pickle.dumps(("success", {"top1": 1.0})))  # the requeued attempt
+    with mock.patch.object(rec, "slurm_state", side_effect=AssertionError("no Slurm query once the job succeeded")):
+        assert rec.poll(r).phase == "done"
 
 
 def test_slurm_states_map_to_phases(tmp_path):

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from tlvit.bench.common import Bench, Stopwatch, markdown_table
-from tlvit.bench.fixture import canvas_spec, ensure_canvases, workdir_or_temp
-from tlvit.bench.segmentation import ROWS, _Repeated
+from tlvit.bench.fixture import Repeated, canvas_spec, ensure_canvases, workdir_or_temp
+from tlvit.bench.segmentation import ROWS
 
 
 def run(out_dir: str | Path, *, quick: bool = False, preset: str = "embedded", workdir: str | Path | None = None,
@@ -51,11 +51,11 @@ def run(out_dir: str | Path, *, quick: bool = False, preset: str = "embedded", w
             run_dir = wd / f"detection-{row}"
             shutil.rmtree(run_dir, ignore_errors=True)  # a finished run would be read back, not timed
             with Stopwatch(sync) as train_time:  # (with building the model and scoring one val image)
-                train_detector(det_cfg, 0, run_dir, train_set, _Repeated(val_set, 1), parent, tracking=False,
+                train_detector(det_cfg, 0, run_dir, train_set, Repeated(val_set, 1), parent, tracking=False,
                                device=str(dev))
             model, _ = build_detector_for(det_cfg, parent, train_set.num_classes)
             with Stopwatch(sync) as eval_time:
-                evaluate(model.to(dev), _Repeated(val_set, images), dev)
+                evaluate(model.to(dev), Repeated(val_set, images), dev)
             per_iter, per_image = train_time.seconds / iterations, eval_time.seconds / images
             total = section["iterations"] * per_iter + val_size * per_image
             results[row] = {"model": cfg["model"], "s_per_iteration": per_iter, "s_per_val_image": per_image,

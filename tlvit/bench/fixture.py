@@ -29,6 +29,19 @@ class Fixture:
     kind: str  # DATA_STATS key (canvases | imagefolder)
 
 
+class Repeated(torch.utils.data.Dataset):
+    """The first `n` items of a set that cycles (the benchmark's few val canvases, scored as many as asked)."""
+
+    def __init__(self, dataset, n: int) -> None:
+        self.dataset, self.n, self.num_classes = dataset, n, dataset.num_classes
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        return self.dataset[i % len(self.dataset)]
+
+
 @contextlib.contextmanager
 def workdir_or_temp(workdir: str | Path | None) -> Iterator[Path]:
     """`workdir` as is, or a temporary directory removed afterwards."""

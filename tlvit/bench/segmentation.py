@@ -13,22 +13,9 @@ from pathlib import Path
 import torch
 
 from tlvit.bench.common import Bench, Stopwatch, markdown_table
-from tlvit.bench.fixture import ensure_canvases, workdir_or_temp
+from tlvit.bench.fixture import Repeated, ensure_canvases, workdir_or_temp
 
 ROWS = ("lvvit_s_baseline", "deit_s_cutmix", "swin_t_mixup_cutmix", "pvt_t_mixup_cutmix")
-
-
-class _Repeated(torch.utils.data.Dataset):
-    """The first `n` items of a set that cycles (the benchmark's few val canvases, scored as many as asked)."""
-
-    def __init__(self, dataset, n: int) -> None:
-        self.dataset, self.n, self.num_classes = dataset, n, dataset.num_classes
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int):
-        return self.dataset[i % len(self.dataset)]
 
 
 def run(out_dir: str | Path, *, quick: bool = False, preset: str = "embedded", workdir: str | Path | None = None,
@@ -68,11 +55,11 @@ def run(out_dir: str | Path, *, quick: bool = False, preset: str = "embedded", w
                 run_dir = wd / f"segmentation-{row}-{head}"
                 shutil.rmtree(run_dir, ignore_errors=True)  # a finished run would be read back, not timed
                 with Stopwatch(sync) as train_time:  # (with building the model and scoring one val image)
-                    train_segmenter(seg_cfg, 0, run_dir, train_set, _Repeated(val_set, 1), parent, tracking=False,
+                    train_segmenter(seg_cfg, 0, run_dir, train_set, Repeated(val_set, 1), parent, tracking=False,
                                     device=str(dev))
                 model, _ = build_segmenter(seg_cfg, parent, train_set.num_classes)
                 with Stopwatch(sync) as eval_time:
-                    evaluate(model.to(dev), _Repeated(val_set, images),
+                    evaluate(model.to(dev), Repeated(val_set, images),
                              {**seg_cfg["eval"], "crop_size": seg_cfg["augment"]["crop_size"]}, dev)
                 per_iter, per_image = train_time.seconds / iterations, eval_time.seconds / images
                 total = section["iterations"] * per_iter + val_size * per_image

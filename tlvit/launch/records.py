@@ -166,7 +166,7 @@ def poll(record: LaunchRecord) -> JobStatus:
             return JobStatus("COMPLETED", "done")
         return JobStatus(record.state or "LOST", "failed", record.error or "")
     done = _outcome(record)
-    if done is not None:
+    if done is not None and (done.phase == "done" or record.kind != "slurm"):
         return done
     age = time.time() - record.submitted_at
     if record.kind == "submitit-local":
@@ -176,7 +176,12 @@ def poll(record: LaunchRecord) -> JobStatus:
         return _outcome(record) or JobStatus("FAILED", "failed", "the job's process ended without a result\n" + _logs_hint(record))
     state = slurm_state(record.job_id, record.folder)
     if state in ACTIVE_STATES:
+        # An error pickle of a job Slurm runs again is an earlier attempt's: the SIGTERM of a requeue can reach
+        # submitit's own `scontrol requeue` call in the job before it returns, which submitit then reports as the
+        # job's error although the requeue went through; the requeued attempt writes the pickle again.
         return JobStatus(state, "active")
+    if done is not None:
+        return done
     if state == "UNKNOWN":
         if age < UNKNOWN_GRACE_S:
             return JobStatus("PENDING", "active")  # sacct has not caught up with sbatch yet
