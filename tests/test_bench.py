@@ -328,6 +328,18 @@ def test_repro_in_a_kept_workdir_resumes_instead_of_starting_again(tmp_path):
     assert not one["resumed"] and two["resumed"] and one["copy"] == two["copy"] == str(tmp_path / "wd" / "smoke")
     assert two["stage_wall_s"] == one["stage_wall_s"] and two["clean_s"] == one["stage_wall_s"]["data"]
     assert len((tmp_path / "out" / "repro-smoke.stages.tsv").read_text().splitlines()) == 2  # header + data, once
+    # a clone at this checkout's HEAD, so its runs record a commit of this history (params.yaml edited: -dirty)
+    import subprocess
+
+    from tlvit.bench.common import SOURCE_ROOT
+    from tlvit.provenance import git_commit
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=SOURCE_ROOT, capture_output=True, text=True).stdout.strip()
+    assert git_commit(one["copy"]) == head + "-dirty"
+    import yaml
+
+    copy = Path(one["copy"])  # the checkout's generated outputs were not cloned: only what the data stage wrote
+    assert not (copy / "reports").exists() and list(yaml.safe_load((copy / "dvc.lock").read_text())["stages"]) == ["data"]
     with pytest.raises(RuntimeError, match="repro-smoke.stages.tsv: missing"):
         repro.run(tmp_path / "other", quick=True, presets=("smoke",), noop_repeats=1, workdir=tmp_path / "wd")
 

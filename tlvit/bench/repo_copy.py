@@ -1,4 +1,5 @@
-"""A committed git copy of a tlvit checkout: what `tlvit bench repro` times and the end-to-end tests run in."""
+"""Copies of a tlvit checkout: a clone at its HEAD (what `tlvit bench repro` times, so that every run there records
+a commit of the checkout's history) and a committed copy (what the end-to-end tests run in)."""
 from __future__ import annotations
 
 import os
@@ -35,19 +36,42 @@ def tool_env(**extra: str) -> dict:
     return env
 
 
+def _seen_files(source: Path) -> list[str]:
+    """The files git sees in `source` (tracked, or untracked and not ignored), generated outputs left out."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=source,
+                           capture_output=True, text=True, check=True).stdout.split("\0")
+    return [f for f in filter(None, files)
+            if (source / f).is_file() and not f.startswith(("reports/", "metrics/")) and f != "dvc.lock"]
+
+
+def source_clone(dst: Path, edit_params: Callable[[str], str], source: Path = SOURCE_ROOT,
+                 **env_extra: str) -> tuple[Path, dict]:
+    """`git clone` of `source` into the empty folder `dst`, the working tree's uncommitted changes copied over, the
+    generated outputs (reports/, metrics/, dvc.lock) removed and params.yaml edited, nothing committed: the runs there
+    record `<source HEAD>-dirty` (tlvit.provenance.git_commit), a commit that exists in the source's history, as the
+    runs of a checkout whose params.yaml selects another preset do. Returns the clone and a tool_env environment."""
+    env = tool_env(**env_extra)
+    sh(["git", "clone", "-q", "--no-hardlinks", str(source), str(dst)], dst.parent, env)
+    for f in _seen_files(source):
+        (dst / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source / f, dst / f)
+    for generated in ("reports", "metrics"):
+        shutil.rmtree(dst / generated, ignore_errors=True)
+    (dst / "dvc.lock").unlink(missing_ok=True)
+    params = dst / "params.yaml"
+    params.write_text(edit_params(params.read_text()))
+    return dst, env
+
+
 def committed_copy(dst: Path, edit_params: Callable[[str], str], source: Path = SOURCE_ROOT,
                    **env_extra: str) -> tuple[Path, dict]:
     """Copy the files git sees in `source` (not generated reports/metrics/dvc.lock), edit params.yaml, commit.
 
     Returns the copy and an environment whose PATH starts with this interpreter's bin/ (dvc, tlvit).
     """
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=source,
-                           capture_output=True, text=True, check=True).stdout.split("\0")
-    for f in filter(None, files):
-        src = source / f
-        if src.is_file() and not f.startswith(("reports/", "metrics/")) and f != "dvc.lock":
-            (dst / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst / f)
+    for f in _seen_files(source):
+        (dst / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source / f, dst / f)
     params = dst / "params.yaml"
     params.write_text(edit_params(params.read_text()))
     env = tool_env(**env_extra)

@@ -1,7 +1,8 @@
 """Item 4: wall time of `dvc repro` from a clean state, and of a no-op `dvc repro` (target <= 3 s).
 
-Each preset runs in a fresh committed copy of this checkout (`tlvit.bench.repo_copy.committed_copy`: the
-files git sees, no outputs, no DVC cache, MLflow in the copy), so "clean" means every stage runs.
+Each preset runs in a fresh clone of this checkout (`tlvit.bench.repo_copy.source_clone`: its HEAD with the
+uncommitted changes, no outputs, no DVC cache, MLflow in the clone; its runs record `<HEAD>-dirty`, the
+params.yaml edit being the preset), so "clean" means every stage runs.
 The no-op is `dvc repro` again right after, repeated; the median counts. `--quick` reproduces only
 the smoke preset's `data` stage (seconds), which checks the code path, not the pipeline's time.
 The embedded preset takes ~30 min on 2 cores: ask for it with `--repro-presets smoke embedded`.
@@ -34,7 +35,7 @@ import time
 from pathlib import Path
 
 from tlvit.bench.common import SOURCE_ROOT, Bench, Target, cpu_cores, markdown_table, summary
-from tlvit.bench.repo_copy import committed_copy, set_preset, tool_env
+from tlvit.bench.repo_copy import set_preset, source_clone, tool_env
 
 NOOP_TARGET_S = 3.0
 # Clean-run targets per preset and device kind (issue #8: the embedded default <= 30 min on 2 CPU cores;
@@ -224,7 +225,9 @@ def run(out_dir: str | Path, *, quick: bool = False, presets: tuple[str, ...] = 
             close_interrupted(stage_log)
         else:
             tmp.mkdir(parents=True, exist_ok=True)
-            repo, env = committed_copy(tmp, edit)
+            if any(tmp.iterdir()):
+                raise RuntimeError(f"{tmp}: not empty and no git checkout; choose an empty or new --repro-workdir")
+            repo, env = source_clone(tmp, edit)
             stage_log.write_text(STAGE_LOG_HEADER + "\n")
         seconds, _ = timed_repro(repo, env, targets, timeout_s, stage_log)
         walls, interrupted = read_stage_log(stage_log)  # every attempt's stages (one attempt: this call's)
@@ -255,5 +258,5 @@ def run(out_dir: str | Path, *, quick: bool = False, presets: tuple[str, ...] = 
     table = markdown_table(("preset", "clean `dvc repro` (s)", "stages run", "no-op (s, median)", "no-op q25–q75"), rows)
     settings = {"presets": list(presets), "dvc_targets": targets or "all stages", "noop_repeats": noop_repeats,
                 "all_rows": all_rows, "dvc": dvc_version(env),
-                "clean": "fresh committed copy of the checkout: no outputs, no DVC cache"}
+                "clean": "fresh clone of the checkout (HEAD + uncommitted changes): no outputs, no DVC cache"}
     return bench.finish(settings=settings, results=results, targets=checks, tables=[table, *stage_tables])
