@@ -115,11 +115,12 @@ def timed_repro(repo: Path, env: dict, targets: list[str], timeout: float | None
             tmp.write_text(f"{current[0]}\t{current[1] + epoch_offset}\t{now + epoch_offset}\n")
             tmp.replace(running_file(stage_log))  # atomic: a kill never leaves half a line
 
-    stop_beating = threading.Event()
+    stop_beating, switching = threading.Event(), threading.Lock()  # the heartbeat never saves a stage that ended
 
     def heartbeat() -> None:
         while not stop_beating.wait(HEARTBEAT_S):
-            save_running(time.perf_counter())
+            with switching:
+                save_running(time.perf_counter())
 
     t0 = time.perf_counter()
     # its own process group, so that a timeout or Ctrl-C stops the stage DVC runs too (it holds the pipe open)
@@ -146,15 +147,17 @@ def timed_repro(repo: Path, env: dict, targets: list[str], timeout: float | None
                 tail.append(line)
                 for name in STAGE_LINE.findall(line):
                     now = time.perf_counter()
-                    close(now)
-                    current = (name, now)
-                    save_running(now)
+                    with switching:
+                        close(now)
+                        current = (name, now)
+                        save_running(now)
             rc = p.wait()
         except BaseException:
             kill()
             raise
         finally:
             stop_beating.set()
+            beat.join()
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
             if timer is not None:
@@ -200,6 +203,7 @@ def run(out_dir: str | Path, *, quick: bool = False, presets: tuple[str, ...] = 
     `<workdir>/<preset>` and are kept; a copy already there is resumed (module docstring)."""
     import torch
 
+    from tlvit.provenance import git_commit
     from tlvit.tables import set_rows_in_params
 
     noop_repeats = noop_repeats or (1 if quick else 5)
@@ -242,7 +246,7 @@ def run(out_dir: str | Path, *, quick: bool = False, presets: tuple[str, ...] = 
         noop = summary(noops, 2)
         results[preset] = {"clean_s": round(clean_s, 1), "stages": list(walls), "stage_wall_s": walls, "noop_s": noop,
                            "targets": targets or "all", "all_rows": all_rows, "stage_log": str(stage_log),
-                           "resumed": resumed, "interrupted_attempts": interrupted,
+                           "resumed": resumed, "interrupted_attempts": interrupted, "copy_commit": git_commit(repo),
                            "copy": str(repo) if keep or workdir else None}
         rows.append((preset + (" (data stage only)" if targets else "") + (", every table's rows" if all_rows else ""),
                      f"{clean_s:.1f}", len(walls), f"{noop['median']:.2f}", f"{noop['q25']:.2f}–{noop['q75']:.2f}"))
