@@ -36,12 +36,15 @@ def tool_env(**extra: str) -> dict:
     return env
 
 
-def _seen_files(source: Path) -> list[str]:
-    """The files git sees in `source` (tracked, or untracked and not ignored), generated outputs left out."""
+def _copy_seen_files(source: Path, dst: Path) -> None:
+    """Copy the files git sees in `source` (tracked, or untracked and not ignored) to `dst`, generated outputs
+    (reports/, metrics/, dvc.lock) left out."""
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=source,
                            capture_output=True, text=True, check=True).stdout.split("\0")
-    return [f for f in filter(None, files)
-            if (source / f).is_file() and not f.startswith(("reports/", "metrics/")) and f != "dvc.lock"]
+    for f in filter(None, files):
+        if (source / f).is_file() and not f.startswith(("reports/", "metrics/")) and f != "dvc.lock":
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source / f, dst / f)
 
 
 def source_clone(dst: Path, edit_params: Callable[[str], str], source: Path = SOURCE_ROOT,
@@ -52,9 +55,7 @@ def source_clone(dst: Path, edit_params: Callable[[str], str], source: Path = SO
     runs of a checkout whose params.yaml selects another preset do. Returns the clone and a tool_env environment."""
     env = tool_env(**env_extra)
     sh(["git", "clone", "-q", "--no-hardlinks", str(source), str(dst)], dst.parent, env)
-    for f in _seen_files(source):
-        (dst / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(source / f, dst / f)
+    _copy_seen_files(source, dst)
     for generated in ("reports", "metrics"):
         shutil.rmtree(dst / generated, ignore_errors=True)
     (dst / "dvc.lock").unlink(missing_ok=True)
@@ -69,9 +70,7 @@ def committed_copy(dst: Path, edit_params: Callable[[str], str], source: Path = 
 
     Returns the copy and an environment whose PATH starts with this interpreter's bin/ (dvc, tlvit).
     """
-    for f in _seen_files(source):
-        (dst / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(source / f, dst / f)
+    _copy_seen_files(source, dst)
     params = dst / "params.yaml"
     params.write_text(edit_params(params.read_text()))
     env = tool_env(**env_extra)
