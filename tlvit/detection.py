@@ -14,7 +14,6 @@ parent seed, same fine-tuning seed: a row and its baseline are paired.
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import torch
@@ -74,47 +73,29 @@ def train_detector(cfg: dict, seed: int, run_dir: Path, train_set, val_set, pare
     """Train (or resume) one fine-tune and score it; returns {"metrics": {...}, "config_hash", "mlflow_run_id"}.
     A finished run (result.json of this config) is read back, not trained again. stop_after: leave after that many
     iterations with a checkpoint (tests use it to interrupt a run)."""
-    from timm.optim import create_optimizer_v2
-
-    run = IterationRun(cfg, seed, run_dir)
+    run = IterationRun(cfg, seed, run_dir, device)
     done = run.finished()
     if done is not None:
         return done
-    env = run.env
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    env, dev = run.env, run.device
     torch.manual_seed(seed)
     model, setup = build_detector_for(cfg, parent_checkpoint, train_set.num_classes)
-    model.to(dev)
-    # as tlvit.train builds it: timm's AdamW, no decay on norms, biases and the backbone's no_weight_decay()
-    optimizer = create_optimizer_v2(model, "adamw", lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    start, resume_rng = run.start(model, optimizer, tracking=tracking, experiment=experiment, tags=tags)
+    optimizer, start, resume_rng = run.begin(model, tracking=tracking, experiment=experiment, tags=tags)
     if resume_rng is not None:  # the anchors' and RoIs' sampling continues from where the interrupted run left it
         torch.set_rng_state(resume_rng)
-    net = run.parallel(model, dev)
+    net = run.parallel(model)
     stop = cfg["iterations"] if stop_after is None else min(cfg["iterations"], start + stop_after)
     every = checkpoint_every or cfg["iterations"]
     net.train()
     it = start
     while it < stop:
-        for group in optimizer.param_groups:
-            group["lr"] = cfg["lr"] * lr_factor(it, cfg)
         idx = batch_indices(seed, it, cfg["batch_size"], len(train_set))[env.rank::env.world_size]
         samples = [train_set[int(i)] for i in idx]
         images = [x.to(dev) for x, _ in samples]
         targets = [{k: v.to(dev) for k, v in t.items()} for _, t in samples]
         losses = net(images, targets)
-        loss = sum(losses.values())
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"{run_dir}: loss {loss.item()} at iteration {it}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        it += 1
-        if it % 50 == 0 or it == stop:
-            run.tracker.log_metrics({"train_loss": loss.item(), "lr": optimizer.param_groups[0]["lr"],
-                                     **{k: v.item() for k, v in losses.items()}}, step=it)
-        if it % every == 0 or it == stop:
-            run.checkpoint(model, optimizer, it)
+        it = run.step(model, optimizer, sum(losses.values()), it, lr=cfg["lr"] * lr_factor(it, cfg), stop=stop,
+                      every=every, parts=losses)
     if it < cfg["iterations"]:
         return run.interrupted(it)
     metrics = evaluate(model, val_set, dev)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -30,13 +31,14 @@ def batch_indices(seed: int, it: int, batch: int, n: int) -> np.ndarray:
 class IterationRun:
     """One fine-tune's folder (result.json, checkpoint.pt), its MLflow run and its process group."""
 
-    def __init__(self, cfg: dict, seed: int, run_dir: str | Path) -> None:
+    def __init__(self, cfg: dict, seed: int, run_dir: str | Path, device: str | None = None) -> None:
         from tlvit.distributed import init_distributed
 
         self.cfg, self.seed, self.run_dir = cfg, seed, Path(run_dir)
         self.chash = config_hash(cfg)
         self.result_path, self.ckpt_path = self.run_dir / "result.json", self.run_dir / "checkpoint.pt"
         self.env = init_distributed()
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tracker = None
 
     def finished(self) -> dict | None:
@@ -72,12 +74,42 @@ class IterationRun:
                                     enabled=tracking and self.env.is_main, supersedes=supersedes)
         return start, rng
 
-    def parallel(self, model, device: torch.device):
+    def begin(self, model, *, tracking: bool, experiment: str, tags: dict | None):
+        """Move model to the run's device, build its optimizer as tlvit.train does (timm's AdamW, no decay on norms,
+        biases and the backbone's no_weight_decay()) and `start`; returns (optimizer, iteration, saved generator)."""
+        from timm.optim import create_optimizer_v2
+
+        model.to(self.device)
+        optimizer = create_optimizer_v2(model, "adamw", lr=self.cfg["lr"], weight_decay=self.cfg["weight_decay"])
+        start, rng = self.start(model, optimizer, tracking=tracking, experiment=experiment, tags=tags)
+        return optimizer, start, rng
+
+    def step(self, model, optimizer, loss: torch.Tensor, it: int, *, lr: float, stop: int, every: int,
+             parts: dict | None = None) -> int:
+        """One optimizer step at learning rate lr on loss; then log (every 50th and the last iteration: the loss, lr
+        and `parts`, named loss tensors) and checkpoint (every `every`-th and the last). Returns the next iteration."""
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"{self.run_dir}: loss {loss.item()} at iteration {it}")
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        it += 1
+        if it % 50 == 0 or it == stop:
+            self.tracker.log_metrics({"train_loss": loss.item(), "lr": lr,
+                                      **{k: v.item() for k, v in (parts or {}).items()}}, step=it)
+        if it % every == 0 or it == stop:
+            self.checkpoint(model, optimizer, it)
+        return it
+
+    def parallel(self, model):
         """The model under DistributedDataParallel when torch.distributed runs, else itself."""
         if not self.env.enabled:
             return model
-        return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                         else None, find_unused_parameters=True)
+        cuda = self.device.type == "cuda"
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=[self.device.index] if cuda else None,
+                                                         find_unused_parameters=True)
 
     def checkpoint(self, model, optimizer, it: int) -> None:
         """Model, optimizer, iteration and torch generator, written atomically (by the main process)."""

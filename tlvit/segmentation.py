@@ -15,7 +15,6 @@ seed: a row and its baseline are paired.
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
@@ -97,23 +96,17 @@ def train_segmenter(cfg: dict, seed: int, run_dir: Path, train_set, val_set, par
     """Train (or resume) one fine-tune and score it; returns {"metrics": {...}, "config_hash", "mlflow_run_id"}.
     A finished run (result.json of this config) is read back, not trained again. stop_after: leave after that many
     iterations with a checkpoint (tests use it to interrupt a run)."""
-    from timm.optim import create_optimizer_v2
-
     from tlvit.data.segmentation_sets import IGNORE_INDEX, Geometry
 
-    run = IterationRun(cfg, seed, run_dir)
+    run = IterationRun(cfg, seed, run_dir, device)
     done = run.finished()
     if done is not None:
         return done
-    env = run.env
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    env, dev = run.env, run.device
     torch.manual_seed(seed)
     model, setup = build_segmenter(cfg, parent_checkpoint, train_set.num_classes)
-    model.to(dev)
-    # as tlvit.train builds it: timm's AdamW, no decay on norms, biases and the backbone's no_weight_decay()
-    optimizer = create_optimizer_v2(model, "adamw", lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    start, resume_rng = run.start(model, optimizer, tracking=tracking, experiment=experiment, tags=tags)
-    net = run.parallel(model, dev)
+    optimizer, start, resume_rng = run.begin(model, tracking=tracking, experiment=experiment, tags=tags)
+    net = run.parallel(model)
     aug = cfg["augment"]
     geometry = Geometry(crop_size=aug["crop_size"], scale=tuple(aug["scale"]), ratio_range=tuple(aug["ratio_range"]),
                         hflip=aug["hflip"], photometric=aug["photometric"])
@@ -128,24 +121,13 @@ def train_segmenter(cfg: dict, seed: int, run_dir: Path, train_set, val_set, par
     if resume_rng is not None:  # dropout continues from where the interrupted run left it
         torch.set_rng_state(resume_rng)
     for x, y in batches_iter:
-        for group in optimizer.param_groups:
-            group["lr"] = cfg["lr"] * lr_factor(it, cfg)
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
         with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
             logits, aux = net(x, with_aux=True)
             loss = F.cross_entropy(logits.float(), y, ignore_index=IGNORE_INDEX)
             if aux is not None:
                 loss = loss + cfg["aux_weight"] * F.cross_entropy(aux.float(), y, ignore_index=IGNORE_INDEX)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"{run_dir}: loss {loss.item()} at iteration {it}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        it += 1
-        if it % 50 == 0 or it == stop:
-            run.tracker.log_metrics({"train_loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]}, step=it)
-        if it % every == 0 or it == stop:
-            run.checkpoint(model, optimizer, it)
+        it = run.step(model, optimizer, loss, it, lr=cfg["lr"] * lr_factor(it, cfg), stop=stop, every=every)
     if it < cfg["iterations"]:
         return run.interrupted(it)
     metrics = evaluate(model, val_set, {**cfg["eval"], "crop_size": aug["crop_size"]}, dev, amp=amp)
