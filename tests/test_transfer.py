@@ -59,6 +59,64 @@ def test_the_fine_tune_config_is_the_parents_model_with_one_recipe():
         transfer_config(parent, "h", "deit_s_tlalign", "digits", {"no_such_key": 1})
 
 
+def _resolved(params, row, preset):
+    return resolve_run_config(params, row, preset=preset, rows_path=REPO / "experiments" / "rows.yaml",
+                              params_path=REPO / "params.yaml")
+
+
+@pytest.mark.parametrize("preset", ["embedded-downstream", "imagenet"])
+def test_a_fine_tune_row_transfers_with_its_baselines_recipe_not_its_own_schedule(preset):
+    """deit_b_tlalign is deit_b_mixup_cutmix fine-tuned at a constant lr 1e-5 and weight decay 1e-8: its transfer takes
+    the pre-training run's recipe (the schedule check refused the inherited lr), so the Table 5 pair differs only in
+    the weights it starts from."""
+    from tlvit.train import check_schedule
+
+    params = load_params(REPO / "params.yaml")
+    recipe = params["presets"][preset]["transfer"].get("train") or {}
+    if preset == "embedded-downstream":
+        recipe = params["presets"]["embedded"]["transfer"]["train"]  # its base's: embedded-downstream sets none
+    base, tuned = _resolved(params, "deit_b_mixup_cutmix", preset), _resolved(params, "deit_b_tlalign", preset)
+    assert tuned["lr"] < base["lr"] and tuned["init_from"] == "deit_b_mixup_cutmix"  # the bug's premise
+    with pytest.raises(ValueError, match="pre-training run"):
+        transfer_config(tuned, config_hash(tuned), "deit_b_tlalign", "digits", recipe)
+    configs = {"deit_b_mixup_cutmix": transfer_config(base, config_hash(base), "deit_b_mixup_cutmix", "digits", recipe),
+               "deit_b_tlalign": transfer_config(tuned, config_hash(tuned), "deit_b_tlalign", "digits", recipe,
+                                                 pretrain_cfg=base)}
+    strip = lambda c: {k: v for k, v in c.items() if k not in ("row", "init_from", "init_from_hash")}  # noqa: E731
+    assert strip(configs["deit_b_mixup_cutmix"]) == strip(configs["deit_b_tlalign"])
+    assert configs["deit_b_tlalign"]["init_from_hash"] == config_hash(tuned)  # the weights: the fine-tuned row's
+    for cfg in configs.values():
+        check_schedule(cfg, cfg["batch_size"])
+        assert cfg["lr"] == base["lr"] and cfg["weight_decay"] == base["weight_decay"]
+
+
+def test_a_fine_tune_at_another_resolution_keeps_its_architecture_and_input_size():
+    params = load_params(REPO / "params.yaml")
+    base, tuned = (_resolved(params, r, "imagenet") for r in ("lvvit_s_token_labeling", "lvvit_s_token_labeling_384"))
+    assert tuned["img_size"] != base["img_size"]
+    cfg = transfer_config(tuned, "h", "lvvit_s_token_labeling_384", "cifar10", {}, pretrain_cfg=base)
+    assert cfg["img_size"] == tuned["img_size"] and cfg["model"] == tuned["model"]
+    assert (cfg["lr"], cfg["epochs"], cfg["batch_size"]) == (base["lr"], base["epochs"], base["batch_size"])
+
+
+def test_the_pretraining_config_follows_init_from_through_the_checkpoints(tmp_path):
+    from tlvit.transfer import pretraining_config
+
+    layout = Layout("p", tmp_path)
+    chain = {"a": {"row": "a", "lr": 1e-3}, "b": {"row": "b", "init_from": "a", "lr": 1e-5},
+             "c": {"row": "c", "init_from": "b", "lr": 1e-6}}
+    for row in ("a", "b"):
+        layout.run_dir(row, 2).mkdir(parents=True)
+        torch.save({"config": chain[row]}, layout.run_dir(row, 2) / "checkpoint.pt")
+    assert pretraining_config(layout, chain["a"], 2) is None  # not a fine-tune
+    assert pretraining_config(layout, chain["c"], 2) == chain["a"]  # two levels up, same seed
+    with pytest.raises(FileNotFoundError, match="train row 'a' \\(seed 0\\) first"):
+        pretraining_config(layout, chain["b"], 0)
+    torch.save({"config": {"row": "a", "init_from": "c"}}, layout.run_dir("a", 2) / "checkpoint.pt")
+    with pytest.raises(ValueError, match="cycle"):
+        pretraining_config(layout, chain["c"], 2)
+
+
 @pytest.fixture(scope="module")
 def parent_run(tmp_path_factory):
     """A finished 1-epoch run of a tiny DeiT analog on tiny canvases, laid out as preset `t`'s row `deit_s_cutmix`."""

@@ -6,7 +6,10 @@ Stanford Cars "following existing works" (DeiT's transfer recipe). Here every fi
 pre-training: a + TL-Align row and its baseline differ only in the weights they start from, and TL-Align is not used
 while fine-tuning (class-token cross-entropy, no MixToken). The parent's architecture and input size are kept, its
 classifier is replaced by a new one (`init_new_head`), and the weights it reports (its EMA when it had one) are the
-start. A fine-tune is an ordinary tlvit run (resumable, seeded, its own MLflow run) in
+start. A parent that is itself a fine-tune (a row with `init_from`, e.g. TL-Align's DeiT-B, fine-tuned 40 epochs at a
+constant lr of 1e-5) transfers with the training recipe of the pre-training run it descends from, not its own
+fine-tuning one: otherwise its transfer would inherit that schedule (lr, weight decay, warm-up, drop-path) and differ
+from its baseline's in more than the weights. A fine-tune is an ordinary tlvit run (resumable, seeded, its own MLflow run) in
 runs/<preset>/transfer/<task>/<row>/seed<k>; same parent seed, same fine-tuning seed: the pairs are paired.
 """
 from __future__ import annotations
@@ -19,11 +22,22 @@ from tlvit.config import ConfigError, config_hash, set_dotted
 
 log = logging.getLogger(__name__)
 
+# What a run config says about the network and its input rather than how it was trained: a transfer keeps these from
+# the row it starts from, even when the rest of its recipe comes from that row's pre-training run
+ARCHITECTURE_KEYS = ("model", "model_kwargs", "img_size")
+
 
 def transfer_config(parent_cfg: dict, parent_hash: str, row: str, task: str, recipe: dict,
-                    where: str = "params.yaml transfer.train") -> dict:
-    """The fine-tune's run config: the parent's, the recipe's dotted keys set over it, supervision plain."""
-    cfg = copy.deepcopy(parent_cfg)
+                    where: str = "params.yaml transfer.train", pretrain_cfg: dict | None = None) -> dict:
+    """The fine-tune's run config: the parent's (for a fine-tune parent: its pre-training run's `pretrain_cfg` with the
+    parent's ARCHITECTURE_KEYS), the recipe's dotted keys set over it, supervision plain."""
+    if parent_cfg.get("init_from") and pretrain_cfg is None:
+        raise ValueError(f"row {row!r} is a fine-tune of {parent_cfg['init_from']!r}: pass the config of the "
+                         "pre-training run it descends from (pretraining_config)")
+    cfg = copy.deepcopy(pretrain_cfg if parent_cfg.get("init_from") else parent_cfg)
+    for key in ARCHITECTURE_KEYS:
+        if key in parent_cfg:
+            cfg[key] = copy.deepcopy(parent_cfg[key])
     for key, value in (recipe or {}).items():
         set_dotted(cfg, key, value, where=f"{where}.{key}")
     cfg["supervision"].update(kind="ce", align="none", cls_target="label")
@@ -64,7 +78,8 @@ def fine_tune_rows(layout, trained: list[str], table: dict, section: dict, seeds
                     break
                 parent = layout.run_dir(row, seed) / "checkpoint.pt"
                 ckpt = torch.load(parent, map_location="cpu", weights_only=True)
-                cfg = transfer_config(ckpt["config"], ckpt["config_hash"], row, task, section.get("train") or {})
+                cfg = transfer_config(ckpt["config"], ckpt["config_hash"], row, task, section.get("train") or {},
+                                      pretrain_cfg=pretraining_config(layout, ckpt["config"], seed))
                 run_dir = runs_root / task / row / f"seed{seed}"
                 res = train(cfg, seed, run_dir, RunInputs(root, kind, None, parent), show_progress=False,
                             tracking=tracking, experiment=f"tlvit-{layout.preset}-tlalign_table5",
@@ -74,6 +89,24 @@ def fine_tune_rows(layout, trained: list[str], table: dict, section: dict, seeds
                 log.info("transfer %s -> %s seed %d: top-1 %.2f", row, task, seed, res["top1"])
             out.append({"row": row, "task": task, "present": root is not None, "seeds": seeds})
     return out
+
+
+def pretraining_config(layout, cfg: dict, seed: int) -> dict | None:
+    """The config of the run a fine-tune's weights were pre-trained by: its `init_from` parents' checkpoints (same
+    seed) followed up to one that starts from scratch; None for a run that is not a fine-tune."""
+    import torch
+
+    seen = [cfg.get("row", "?")]
+    while cfg.get("init_from"):
+        if cfg["init_from"] in seen:
+            raise ValueError(f"rows {' -> '.join(seen)} -> {cfg['init_from']}: init_from makes a cycle")
+        path = layout.run_dir(cfg["init_from"], seed) / "checkpoint.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: row {seen[-1]!r} was fine-tuned from it; train row "
+                                    f"{cfg['init_from']!r} (seed {seed}) first")
+        seen.append(cfg["init_from"])
+        cfg = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["config"]
+    return cfg if len(seen) > 1 else None
 
 
 def finished_seeds(layout, row: str) -> list[int]:
