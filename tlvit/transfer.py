@@ -49,6 +49,14 @@ def transfer_config(parent_cfg: dict, parent_hash: str, row: str, task: str, rec
     return cfg
 
 
+def planned_rows(trained: list[str], table: dict, section: dict, params_path: str = "params.yaml") -> list[str]:
+    """Rows to transfer: `rows: table5` the table's rows the preset trains; `all` every trained row."""
+    which = section.get("rows", "table5")
+    if which not in ("table5", "all"):
+        raise ConfigError(f"{params_path}: transfer.rows must be `table5` or `all`, not {which!r}")
+    return list(trained) if which == "all" else [r["row"] for r in table["rows"] if r["row"] in trained]
+
+
 def fine_tune_rows(layout, trained: list[str], table: dict, section: dict, seeds_of, *, params_path: str = "params.yaml",
                    tracking: bool = True) -> list[dict]:
     """Fine-tune every seed of the rows to transfer (`rows: table5`: the table's rows the preset trains; `all`: every
@@ -59,10 +67,7 @@ def fine_tune_rows(layout, trained: list[str], table: dict, section: dict, seeds
     from tlvit.data.transfer_sets import EMBEDDED_TASKS, prepare_task
     from tlvit.train import RunInputs, train
 
-    which = section.get("rows", "table5")
-    if which not in ("table5", "all"):
-        raise ConfigError(f"{params_path}: transfer.rows must be `table5` or `all`, not {which!r}")
-    wanted = trained if which == "all" else [r["row"] for r in table["rows"] if r["row"] in trained]
+    wanted = planned_rows(trained, table, section, params_path)
     data_root = layout.root / "data" / "transfer" / layout.preset  # apart from data/<preset>, the data stage's output
     runs_root = layout.root / "runs" / layout.preset / "transfer"
     for folder in (data_root, runs_root):  # the stage's outputs exist even when it has nothing to fine-tune

@@ -1,10 +1,12 @@
-"""`tlvit bench [step|data|scoremaps|segmentation|detection|repro|gpu|all] [--quick] [--out DIR]`: the harness's speed (docs/benchmarks.md)."""
+"""`tlvit bench [step|data|scoremaps|segmentation|detection|repro|fine-tunes|gpu|all] [--quick] [--out DIR]`: the harness's
+speed (docs/benchmarks.md)."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-WHICH = ("step", "data", "scoremaps", "segmentation", "detection", "repro", "gpu", "all")
+WHICH = ("step", "data", "scoremaps", "segmentation", "detection", "repro", "fine-tunes", "gpu", "all")
+ALL = ("step", "data", "scoremaps", "segmentation", "detection", "repro", "gpu")  # fine-tunes: hours, asked for by name
 
 
 def add_parser(sub) -> None:
@@ -16,6 +18,7 @@ def add_parser(sub) -> None:
                    help="step: training-step cost per supervision; data: loader with vs without score maps; "
                         "scoremaps: generation speed and store size; segmentation: fine-tune cost per backbone and "
                         "head; detection: Mask R-CNN fine-tune cost per backbone; repro: `dvc repro` wall times; "
+                        "fine-tunes: a preset's transfer/segmentation/detection stages unit by unit, resumable; "
                         "gpu: harness vs plain PyTorch loop on a GPU (skipped without one); all (default)")
     p.add_argument("--quick", action="store_true", help="tiny sizes and one round: checks that it runs, numbers mean nothing")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="directory for the JSON records (default: %(default)s)")
@@ -32,6 +35,13 @@ def add_parser(sub) -> None:
     p.add_argument("--repro-workdir", type=Path, default=None,
                    help="repro: keep each preset's copy in this folder; a later call with the same folder (and --out) "
                         "resumes an interrupted run, each stage's time summed over its attempts")
+    p.add_argument("--ledger", type=Path, default=None,
+                   help="fine-tunes: the TSV of measured units, appended to and resumed from "
+                        "(default: <out>/fine-tunes-<preset>.tsv)")
+    p.add_argument("--budget-min", type=float, default=None,
+                   help="fine-tunes: start no unit after this many minutes (a session's share)")
+    p.add_argument("--stages", nargs="+", default=None, choices=("transfer", "segmentation", "detection"),
+                   help="fine-tunes: the stages to time (default: all three)")
     p.add_argument("--peak-tflops", type=float, default=None, help="gpu: the GPU's dense bf16 peak, for MFU on unknown GPUs")
     p.add_argument("--workdir", type=Path, default=None, help="data/scoremaps: where to build the benchmark dataset (default: a temp dir)")
     p.add_argument("--data", type=Path, default=None, help="data: an ImageFolder root to load instead of built canvases")
@@ -50,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from tlvit.data.datasets import DatasetError
     from tlvit.labels.score_maps import ScoreMapError
 
-    which = list(WHICH[:-1]) if args.which == "all" else [args.which]
+    which = list(ALL) if args.which == "all" else [args.which]
     on_gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     preset = args.preset or ("imagenet" if on_gpu else "embedded")
     data_preset = args.preset or "embedded"  # loader and score maps need a dataset built here: embedded canvases
@@ -98,6 +108,12 @@ def _run_all(args: argparse.Namespace, which: list[str], wd: Path, preset: str, 
 
             records.append(repro.run(args.out, quick=args.quick, presets=tuple(args.repro_presets),
                                      all_rows=args.repro_all_rows, workdir=args.repro_workdir))
+        elif name == "fine-tunes":
+            from tlvit.bench import fine_tunes
+
+            records.append(fine_tunes.run(args.out, preset=args.preset or "embedded-downstream", workdir=args.workdir,
+                                          ledger=args.ledger, stages=tuple(args.stages or fine_tunes.STAGES),
+                                          budget_min=args.budget_min))
         elif name == "gpu":
             from tlvit.bench import gpu
 
