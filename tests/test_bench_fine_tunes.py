@@ -77,3 +77,17 @@ def test_a_file_that_is_not_a_ledger_is_refused_naming_it(tmp_path):
     with pytest.raises(ValueError, match=f"{path}: not a fine-tune ledger"):
         fine_tunes.read_ledger(path)
     assert path.read_text() == "my notes\n"  # left as it was
+
+
+def test_a_workdir_it_did_not_make_is_refused_and_left_alone(tmp_path):
+    """`--workdir .` in a repository would put stand-in checkpoints among its runs and delete its fine-tunes."""
+    from tlvit.bench.fixture import BenchDataError
+
+    repo = tmp_path / "repo"
+    (repo / "runs" / "smoke" / "transfer").mkdir(parents=True)
+    (repo / "runs" / "smoke" / "transfer" / "result.json").write_text("{}")
+    with pytest.raises(BenchDataError, match=f"{repo}: not empty and not made by"):
+        fine_tunes.run(tmp_path / "out", preset="smoke", workdir=repo, ledger=tmp_path / "l.tsv",
+                       stages=("transfer",), rows=["deit_s_cutmix"], paths=PATHS)
+    assert (repo / "runs" / "smoke" / "transfer" / "result.json").read_text() == "{}"
+    assert not (repo / fine_tunes.MARKER).exists() and not (tmp_path / "l.tsv").exists()

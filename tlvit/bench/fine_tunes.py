@@ -59,6 +59,21 @@ def append_ledger(path: Path, fields: dict) -> None:
         os.fsync(f.fileno())
 
 
+MARKER = ".tlvit-bench-fine-tunes"  # a workdir holding it is this benchmark's own: its runs may be deleted
+
+
+def claim_workdir(path: Path) -> None:
+    """The workdir is a new or empty folder, or one this benchmark made: its units delete their stage's runs and
+    write stand-in checkpoints, which must never land in a repository's real runs/."""
+    from tlvit.bench.fixture import BenchDataError
+
+    if path.is_dir() and any(path.iterdir()) and not (path / MARKER).is_file():
+        raise BenchDataError(f"{path}: not empty and not made by `tlvit bench fine-tunes` (its stand-in parents and "
+                             "deleted runs would mix with what is there); pass a new folder as --workdir")
+    path.mkdir(parents=True, exist_ok=True)
+    (path / MARKER).touch()
+
+
 def planned_units(trained: list[str], sections: dict, tables: dict, seeds: list[int], params_path: str,
                   stages=STAGES) -> list[tuple[str, str, int, int]]:
     """(stage, row, seed, fine-tunes in the unit) in the order the stages run them, from each stage's own plan."""
@@ -165,6 +180,8 @@ def run(out_dir: str | Path, *, preset: str = "embedded-downstream", workdir: st
     bench = Bench(f"fine-tunes-{preset}", out_dir, quick=False)
     commit, started = git_commit(), time.monotonic()
     timed = 0
+    if workdir is not None:
+        claim_workdir(Path(workdir))
     with workdir_or_temp(workdir) as wd, _tracking_into(wd / "mlflow.db"):
         layout = Layout(preset, wd)
         todo = [u for u in units if u[:3] not in done]
