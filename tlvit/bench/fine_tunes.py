@@ -16,6 +16,7 @@ the stage's data sets again (the stage reads them once per run), a few seconds p
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime as _dt
 import os
@@ -85,10 +86,8 @@ def planned_units(trained: list[str], sections: dict, tables: dict, seeds: list[
             per_row = {r: len(sections["transfer"].get("tasks") or [])
                        for r in transfer.planned_rows(trained, tables["transfer"], sections["transfer"], params_path)}
         elif stage == "segmentation":
-            per_row = {}
-            for row, _ in segmentation.planned_runs(trained, tables["segmentation"], sections["segmentation"],
-                                                    params_path):
-                per_row[row] = per_row.get(row, 0) + 1
+            per_row = collections.Counter(row for row, _ in segmentation.planned_runs(
+                trained, tables["segmentation"], sections["segmentation"], params_path))
         else:
             per_row = {r: 1 for r in detection.planned_rows(trained, tables["detection"], sections["detection"],
                                                             params_path)}
@@ -174,7 +173,8 @@ def run(out_dir: str | Path, *, preset: str = "embedded-downstream", workdir: st
               "segmentation": {k: load_column_table(root / p) for k, p in SEGMENTATION_TABLES.items()},
               "detection": load_column_table(root / DETECTION_TABLE)}
     seeds = [int(s) for s in sections["seeds"]]
-    units = planned_units(trained, sections, tables, seeds, str(params_path), stages)
+    every = planned_units(trained, sections, tables, seeds, str(params_path))
+    units = [u for u in every if u[0] in stages]
     ledger = Path(ledger or Path(out_dir) / f"fine-tunes-{preset}.tsv")
     done = read_ledger(ledger)
     bench = Bench(f"fine-tunes-{preset}", out_dir, quick=False)
@@ -192,7 +192,7 @@ def run(out_dir: str | Path, *, preset: str = "embedded-downstream", workdir: st
         for stage, row, seed, n in todo:
             if budget_min is not None and time.monotonic() - started > 60 * budget_min:
                 break
-            for r in {row, *_ancestors(configs, row)}:  # a fine-tune row's transfer reads its pre-training run too
+            for r in trained:  # every row of the seed (once): a fine-tune row's transfer reads its pre-training run too
                 write_stand_in(layout, r, seed, configs[r], num_classes)
             t0 = time.perf_counter()
             run_unit(layout, stage, row, seed, sections, tables, str(params_path))
@@ -203,7 +203,6 @@ def run(out_dir: str | Path, *, preset: str = "embedded-downstream", workdir: st
             bench.sample_load()
             timed += 1
             print(f"fine-tunes: {stage} {row} seed {seed}: {wall:.0f} s", flush=True)
-    every = units if tuple(stages) == STAGES else planned_units(trained, sections, tables, seeds, str(params_path))
     return _finish(bench, read_ledger(ledger), every, ledger, preset, timed)
 
 
@@ -223,14 +222,6 @@ def _tracking_into(db: Path) -> Iterator[None]:
 
 def _round(x: float | None) -> float | None:
     return None if x is None else round(x, 2)
-
-
-def _ancestors(configs: dict, row: str) -> list[str]:
-    out, cfg = [], configs[row]
-    while cfg.get("init_from") and cfg["init_from"] in configs and cfg["init_from"] not in out:
-        out.append(cfg["init_from"])
-        cfg = configs[cfg["init_from"]]
-    return out
 
 
 def _finish(bench: Bench, ledger: dict, units: list, path: Path, preset: str, timed: int) -> dict:
