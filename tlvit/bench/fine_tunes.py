@@ -75,13 +75,13 @@ def claim_workdir(path: Path) -> None:
     (path / MARKER).touch()
 
 
-def planned_units(trained: list[str], sections: dict, tables: dict, seeds: list[int], params_path: str,
-                  stages=STAGES) -> list[tuple[str, str, int, int]]:
+def planned_units(trained: list[str], sections: dict, tables: dict, seeds: list[int],
+                  params_path: str) -> list[tuple[str, str, int, int]]:
     """(stage, row, seed, fine-tunes in the unit) in the order the stages run them, from each stage's own plan."""
     from tlvit import detection, segmentation, transfer
 
     units = []
-    for stage in stages:
+    for stage in STAGES:
         if stage == "transfer":
             per_row = {r: len(sections["transfer"].get("tasks") or [])
                        for r in transfer.planned_rows(trained, tables["transfer"], sections["transfer"], params_path)}
